@@ -1,0 +1,58 @@
+// Declarations of the CPU launchers, and the dtype codes the Python layer passes in.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+
+#include "kernels/common.h"
+#include "kernels/conv_transpose.h"
+
+namespace zfk {
+
+// Codes shared with zfkernels/_extension.py.
+enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
+enum class SwitchType : int { UInt8 = 0, Int16 = 1, Int32 = 2, Int64 = 3 };
+
+template <typename F>
+void dispatch_dtype(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::Float32: return f(float{});
+    case DType::Float64: return f(double{});
+    case DType::Float16: return f(Half{});
+    case DType::BFloat16: return f(BFloat16{});
+  }
+  throw std::invalid_argument("zfkernels: unsupported dtype code");
+}
+
+template <typename F>
+void dispatch_switch(SwitchType type, const F& f) {
+  switch (type) {
+    case SwitchType::UInt8: return f(uint8_t{});
+    case SwitchType::Int16: return f(int16_t{});
+    case SwitchType::Int32: return f(int32_t{});
+    case SwitchType::Int64: return f(int64_t{});
+  }
+  throw std::invalid_argument("zfkernels: unsupported switch dtype code");
+}
+
+namespace cpu {
+
+// Each launcher works on contiguous NCHW data, `planes` = N * C, and returns the number of switches
+// that were out of range for their window (skipped, never dereferenced) where it reads switches.
+void max_pool2d_switches(const void* input, void* values, void* switches, DType dtype, SwitchType switch_type,
+                         int64_t planes, const PoolGeometry& g, bool relu, int num_threads);
+int64_t max_unpool2d(const void* values, const void* switches, void* output, DType dtype, SwitchType switch_type,
+                     int64_t planes, const PoolGeometry& g, bool relu, int num_threads);
+int64_t gather_switches(const void* source, const void* switches, void* output, DType dtype, SwitchType switch_type,
+                        int64_t planes, const PoolGeometry& g, int num_threads);
+void relu(const void* input, void* output, DType dtype, int64_t numel, int num_threads);
+void relu_backward(const void* grad, const void* output, void* grad_input, DType dtype, int64_t numel, int rule,
+                   int num_threads);
+void col2im(const void* cols, const void* bias, void* output, DType dtype, int64_t batch, int64_t channels,
+            const ConvTransposeGeometry& g, int num_threads);
+int64_t unpool_conv_transpose2d(const void* values, const void* switches, const void* weight, void* output,
+                                DType dtype, SwitchType switch_type, int64_t batch, int64_t in_channels,
+                                int64_t out_channels, const PoolGeometry& pool, const ConvTransposeGeometry& g,
+                                bool relu, int num_threads);
+
+}  // namespace cpu
+}  // namespace zfk

@@ -1,0 +1,178 @@
+// CPU launcher: the fused deconvnet step conv_transpose2d(relu(max_unpool2d(values, switches)), weight).
+// It never builds the unpooled map: each image's unpooled activations are kept as short sparse lists
+// (one per unpooled position, the channels whose switch points there), and each output pixel gathers
+// only those, so the work follows the switches instead of the dense unpooled size.
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/ops.h"
+#include "cpu/parallel.h"
+#include "cpu/simd.h"
+#include "kernels/conv_transpose.h"
+
+namespace zfk::cpu {
+namespace {
+
+template <typename C>
+struct Entry {
+  int32_t channel;
+  C value;
+};
+
+// Sparse unpooled activations of one image: entries[offsets[t] .. offsets[t + 1]) belong to unpooled position t.
+template <typename C>
+struct SparseUnpooled {
+  std::vector<int64_t> offsets;
+  std::vector<Entry<C>> entries;
+  std::vector<int32_t> last_channel;
+};
+
+// Switch targets summed in row-major window order per channel (as max_unpool2d does), then rectified;
+// entries that rectify to zero are dropped since they add nothing. Returns the invalid switches seen.
+template <typename T, typename S, typename C>
+int64_t build_sparse(const T* values, const S* switches, int64_t in_channels, const PoolGeometry& pool, bool relu,
+                     SparseUnpooled<C>& sparse) {
+  constexpr bool kFlat = std::is_same_v<S, int64_t>;
+  const int64_t positions = pool.in_h * pool.in_w, pooled = pool.out_h * pool.out_w;
+  sparse.offsets.assign(positions + 1, 0);
+  sparse.last_channel.assign(positions, -1);
+  int64_t invalid = 0;
+  for (int64_t c = 0; c < in_channels; ++c) {  // count distinct (channel, position) pairs
+    for (int64_t p = 0; p < pooled; ++p) {
+      const int64_t t = switch_target(pool, p / pool.out_w, p % pool.out_w, int64_t(switches[c * pooled + p]), kFlat);
+      if (t < 0) {
+        ++invalid;
+      } else if (sparse.last_channel[t] != c) {
+        sparse.last_channel[t] = int32_t(c);
+        ++sparse.offsets[t + 1];
+      }
+    }
+  }
+  for (int64_t t = 0; t < positions; ++t) sparse.offsets[t + 1] += sparse.offsets[t];
+  sparse.entries.resize(sparse.offsets[positions]);
+  std::vector<int64_t> fill(sparse.offsets.begin(), sparse.offsets.end() - 1);
+  sparse.last_channel.assign(positions, -1);
+  for (int64_t c = 0; c < in_channels; ++c) {
+    for (int64_t p = 0; p < pooled; ++p) {
+      const int64_t t = switch_target(pool, p / pool.out_w, p % pool.out_w, int64_t(switches[c * pooled + p]), kFlat);
+      if (t < 0) continue;
+      const C v = load(values + c * pooled + p);
+      if (sparse.last_channel[t] == c) {
+        sparse.entries[fill[t] - 1].value += v;  // a shared argmax: sum, like the gradient of max-pool
+      } else {
+        sparse.last_channel[t] = int32_t(c);
+        sparse.entries[fill[t]++] = {int32_t(c), v};
+      }
+    }
+  }
+  // Rectify and compact in place; positions keep their order.
+  int64_t kept = 0;
+  for (int64_t t = 0; t < positions; ++t) {
+    const int64_t begin = sparse.offsets[t], end = sparse.offsets[t + 1];
+    sparse.offsets[t] = kept;
+    for (int64_t e = begin; e < end; ++e) {
+      Entry<C> entry = sparse.entries[e];
+      if (relu) entry.value = zfk::relu(entry.value);
+      if (entry.value != C(0)) sparse.entries[kept++] = entry;
+    }
+  }
+  sparse.offsets[positions] = kept;
+  return invalid;
+}
+
+// Output-stationary gather for one image: a block of kBlock output channels stays in registers
+// while the taps and their sparse entries stream by. Weights are [kh][kw][in_channel][out_padded].
+template <int kBlock, typename T, typename C>
+ZFK_VECTORIZED void gather_image(const SparseUnpooled<C>& sparse, const C* weights, int64_t in_channels,
+                                 int64_t out_channels, int64_t out_padded, const ConvTransposeGeometry& g, T* out) {
+  const int64_t out_plane = g.out_h * g.out_w;
+  for (int64_t oy = 0; oy < g.out_h; ++oy) {
+    for (int64_t ox = 0; ox < g.out_w; ++ox) {
+      for (int64_t co0 = 0; co0 < out_padded; co0 += kBlock) {
+        C acc[kBlock] = {};
+        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+          const int64_t iy = conv_transpose_source(oy, kh, g.stride_h, g.pad_h, g.dilation_h, g.in_h);
+          if (iy < 0) continue;
+          for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+            const int64_t ix = conv_transpose_source(ox, kw, g.stride_w, g.pad_w, g.dilation_w, g.in_w);
+            if (ix < 0) continue;
+            const int64_t t = iy * g.in_w + ix;
+            const C* tap = weights + (kh * g.kernel_w + kw) * in_channels * out_padded + co0;
+            for (int64_t e = sparse.offsets[t]; e < sparse.offsets[t + 1]; ++e) {
+              const C u = sparse.entries[e].value;
+              const C* w = tap + sparse.entries[e].channel * out_padded;
+              for (int j = 0; j < kBlock; ++j) acc[j] += u * w[j];
+            }
+          }
+        }
+        const int64_t n = std::min<int64_t>(kBlock, out_channels - co0);
+        for (int64_t j = 0; j < n; ++j) store(out + (co0 + j) * out_plane + oy * g.out_w + ox, acc[j]);
+      }
+    }
+  }
+}
+
+template <typename T, typename S, int kBlock>
+int64_t launch(const void* values, const void* switches, const void* weight, void* output, int64_t batch,
+               int64_t in_channels, int64_t out_channels, const PoolGeometry& pool, const ConvTransposeGeometry& g,
+               bool relu, int num_threads) {
+  using C = compute_t<T>;
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  const int64_t out_padded = (out_channels + kBlock - 1) / kBlock * kBlock;
+  std::vector<C> weights(taps * in_channels * out_padded, C(0));  // [kh][kw][ci][co], zero-padded in co
+  const T* w = static_cast<const T*>(weight);
+  for (int64_t ci = 0; ci < in_channels; ++ci)
+    for (int64_t co = 0; co < out_channels; ++co)
+      for (int64_t k = 0; k < taps; ++k)
+        weights[(k * in_channels + ci) * out_padded + co] = load(w + (ci * out_channels + co) * taps + k);
+
+  const int64_t pooled = pool.out_h * pool.out_w, out_image = out_channels * g.out_h * g.out_w;
+  std::vector<int64_t> invalid(std::max<int64_t>(batch, 1), 0);
+  parallel_for(batch, num_threads, out_image * in_channels, [&](int64_t begin, int64_t end) {
+    SparseUnpooled<C> sparse;
+    for (int64_t b = begin; b < end; ++b) {
+      invalid[b] = build_sparse(static_cast<const T*>(values) + b * in_channels * pooled,
+                                static_cast<const S*>(switches) + b * in_channels * pooled, in_channels, pool, relu,
+                                sparse);
+      gather_image<kBlock>(sparse, weights.data(), in_channels, out_channels, out_padded, g,
+                           static_cast<T*>(output) + b * out_image);
+    }
+  });
+  int64_t total = 0;
+  for (int64_t n : invalid) total += n;
+  return total;
+}
+
+}  // namespace
+
+int64_t unpool_conv_transpose2d(const void* values, const void* switches, const void* weight, void* output,
+                                DType dtype, SwitchType switch_type, int64_t batch, int64_t in_channels,
+                                int64_t out_channels, const PoolGeometry& pool, const ConvTransposeGeometry& g,
+                                bool relu, int num_threads) {
+  int64_t invalid = 0;
+  dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    dispatch_switch(switch_type, [&](auto s) {
+      using S = decltype(s);
+      // Block width: the largest that divides the output channels, so little of the padding is computed.
+      if (out_channels % 64 == 0) {
+        invalid = launch<T, S, 64>(values, switches, weight, output, batch, in_channels, out_channels, pool, g, relu,
+                                   num_threads);
+      } else if (out_channels % 48 == 0) {
+        invalid = launch<T, S, 48>(values, switches, weight, output, batch, in_channels, out_channels, pool, g, relu,
+                                   num_threads);
+      } else if (out_channels >= 32) {
+        invalid = launch<T, S, 32>(values, switches, weight, output, batch, in_channels, out_channels, pool, g, relu,
+                                   num_threads);
+      } else {
+        invalid = launch<T, S, 8>(values, switches, weight, output, batch, in_channels, out_channels, pool, g, relu,
+                                  num_threads);
+      }
+    });
+  });
+  return invalid;
+}
+
+}  // namespace zfk::cpu

@@ -1,0 +1,141 @@
+"""The "cpu" backend: allocates outputs with torch and runs the C++ kernels of zfkernels._C on them.
+
+Same functions and semantics as reference.py. Kernels take contiguous NCHW buffers, so other layouts
+are copied once here; dense GEMMs go to the vendor BLAS through torch.matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._extension import DTYPE_CODES, SWITCH_CODES, cpu_module, huge_page_empty
+from ._checks import Pair, check_no_invalid_switches
+from .reference import RULES  # noqa: F401  (same rule codes)
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _pool_args(in_size: Pair, out_size: Pair, kernel: Pair, stride: Pair, padding: Pair):
+    return (*in_size, *out_size), (*kernel, *stride, *padding)
+
+
+def max_pool2d_switches(input, kernel: Pair, stride: Pair, padding: Pair, ceil_mode: bool, relu: bool, switch_dtype):
+    from ._checks import pooled_size
+
+    x = input.contiguous()
+    n, c, h, w = x.shape
+    out_size = (pooled_size(h, kernel[0], stride[0], padding[0], ceil_mode),
+                pooled_size(w, kernel[1], stride[1], padding[1], ceil_mode))
+    values = huge_page_empty((n, c, *out_size), x)
+    switches = huge_page_empty((n, c, *out_size), x, dtype=switch_dtype)
+    cpu_module.max_pool2d_switches(x.data_ptr(), values.data_ptr(), switches.data_ptr(), DTYPE_CODES[x.dtype],
+                                   SWITCH_CODES[switch_dtype], n * c, *_pool_args((h, w), out_size, kernel, stride, padding),
+                                   relu, _threads())
+    return values, switches
+
+
+def max_unpool2d(values, switches, kernel: Pair, stride: Pair, padding: Pair, output_size: Pair, relu: bool):
+    v, s = values.contiguous(), switches.contiguous()
+    n, c = v.shape[:2]
+    out = huge_page_empty((n, c, *output_size), v)
+    invalid = cpu_module.max_unpool2d(v.data_ptr(), s.data_ptr(), out.data_ptr(), DTYPE_CODES[v.dtype],
+                                      SWITCH_CODES[s.dtype], n * c,
+                                      *_pool_args(output_size, tuple(v.shape[-2:]), kernel, stride, padding), relu,
+                                      _threads())
+    check_no_invalid_switches(invalid)
+    return out
+
+
+def gather_switches(source, switches, kernel: Pair, stride: Pair, padding: Pair):
+    src, s = source.contiguous(), switches.contiguous()
+    n, c = s.shape[:2]
+    out = torch.empty(s.shape, dtype=src.dtype, device=src.device)
+    invalid = cpu_module.gather_switches(src.data_ptr(), s.data_ptr(), out.data_ptr(), DTYPE_CODES[src.dtype],
+                                         SWITCH_CODES[s.dtype], n * c,
+                                         *_pool_args(tuple(src.shape[-2:]), tuple(s.shape[-2:]), kernel, stride, padding),
+                                         _threads())
+    check_no_invalid_switches(invalid)
+    return out
+
+
+def relu(input):
+    x = input.contiguous()
+    out = huge_page_empty(x.shape, x)
+    cpu_module.relu(x.data_ptr(), out.data_ptr(), DTYPE_CODES[x.dtype], x.numel(), _threads())
+    return out
+
+
+def relu_(input):
+    if not input.is_contiguous():
+        return input.copy_(relu(input))
+    cpu_module.relu(input.data_ptr(), input.data_ptr(), DTYPE_CODES[input.dtype], input.numel(), _threads())
+    return input
+
+
+def relu_backward(grad, output, rule: int):
+    g = grad.contiguous()
+    o = output.contiguous() if RULES[rule] != "deconvnet" else None
+    out = huge_page_empty(g.shape, g)
+    cpu_module.relu_backward(g.data_ptr(), 0 if o is None else o.data_ptr(), out.data_ptr(), DTYPE_CODES[g.dtype],
+                             g.numel(), rule, _threads())
+    return out
+
+
+# Column buffers above this size are computed a few images at a time, so they stay hot in cache.
+_COLUMN_CHUNK_BYTES = 16 << 20
+
+
+def _uses_gemm_col2im(weight, stride: Pair, dilation: Pair) -> bool:
+    """GEMM + our col2im wins where the output is strided or thin; stride-1 convolutions with many
+    output channels are faster in oneDNN's direct convolution, which torch already calls."""
+    out_per_group = weight.shape[1]
+    kernel_area = weight.shape[2] * weight.shape[3]
+    return stride != (1, 1) or out_per_group * kernel_area <= 256
+
+
+def conv_transpose2d(input, weight, bias, stride: Pair, padding: Pair, output_padding: Pair, groups: int, dilation: Pair):
+    if not _uses_gemm_col2im(weight, stride, dilation):
+        return F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    x = input.contiguous()
+    n, c_in, h, w = x.shape
+    _, out_per_group, k_h, k_w = weight.shape
+    c_out = out_per_group * groups
+    out_h = (h - 1) * stride[0] - 2 * padding[0] + dilation[0] * (k_h - 1) + output_padding[0] + 1
+    out_w = (w - 1) * stride[1] - 2 * padding[1] + dilation[1] * (k_w - 1) + output_padding[1] + 1
+    out = huge_page_empty((n, c_out, out_h, out_w), x)
+    if n == 0:
+        return out
+    # columns[image, group] = weight[group]^T @ input[image, group]: (out_per_group*k_h*k_w, h*w)
+    weight_t = weight.contiguous().view(groups, c_in // groups, out_per_group * k_h * k_w).transpose(1, 2)
+    column_bytes = c_out * k_h * k_w * h * w * x.element_size()
+    chunk = max(1, min(n, _COLUMN_CHUNK_BYTES // max(column_bytes, 1)))
+    columns = torch.empty((chunk, groups, out_per_group * k_h * k_w, h * w), dtype=x.dtype)
+    b = bias.contiguous() if bias is not None else None
+    sizes, params = (h, w, out_h, out_w), (k_h, k_w, *stride, *padding, *dilation)
+    for start in range(0, n, chunk):
+        count = min(chunk, n - start)
+        cols = columns[:count]
+        torch.matmul(weight_t, x[start:start + count].view(count, groups, c_in // groups, h * w), out=cols)
+        cpu_module.col2im(cols.data_ptr(), 0 if b is None else b.data_ptr(), out[start].data_ptr(),
+                          DTYPE_CODES[x.dtype], count, c_out, sizes, params, _threads())
+    return out
+
+
+def unpool_conv_transpose2d(values, switches, weight, pool_kernel: Pair, pool_stride: Pair, pool_padding: Pair,
+                            unpool_size: Pair, stride: Pair, padding: Pair, output_padding: Pair, relu: bool):
+    v, s, wt = values.contiguous(), switches.contiguous(), weight.contiguous()
+    n, c_in = v.shape[:2]
+    c_out, k_h, k_w = wt.shape[1:]
+    out_h = (unpool_size[0] - 1) * stride[0] - 2 * padding[0] + k_h + output_padding[0]
+    out_w = (unpool_size[1] - 1) * stride[1] - 2 * padding[1] + k_w + output_padding[1]
+    out = huge_page_empty((n, c_out, out_h, out_w), v)
+    pool_sizes, pool_params = _pool_args(unpool_size, tuple(v.shape[-2:]), pool_kernel, pool_stride, pool_padding)
+    invalid = cpu_module.unpool_conv_transpose2d(
+        v.data_ptr(), s.data_ptr(), wt.data_ptr(), out.data_ptr(), DTYPE_CODES[v.dtype], SWITCH_CODES[s.dtype], n, c_in,
+        c_out, pool_sizes, pool_params, (*unpool_size, out_h, out_w), (k_h, k_w, *stride, *padding, 1, 1), relu,
+        _threads())
+    check_no_invalid_switches(invalid)
+    return out

@@ -1,0 +1,100 @@
+"""Switch-recording max-pool (optionally fused with a preceding ReLU), and switch -> index conversion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._backend import implementation
+from ._checks import check_pool_fits, check_tensor, pool_params, pooled_size, switch_dtype
+from .reference import switch_targets
+
+
+@torch.library.custom_op("zfkernels::max_pool2d_switches", mutates_args=())
+def _max_pool2d_switches_op(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+                            ceil_mode: bool, relu: bool) -> tuple[Tensor, Tensor]:
+    kernel = (kernel_size[0], kernel_size[1])
+    return implementation(input.device).max_pool2d_switches(
+        input, kernel, (stride[0], stride[1]), (padding[0], padding[1]), ceil_mode, relu, switch_dtype(kernel))
+
+
+@_max_pool2d_switches_op.register_fake
+def _(input, kernel_size, stride, padding, ceil_mode, relu):
+    n, c, h, w = input.shape
+    out_h = pooled_size(h, kernel_size[0], stride[0], padding[0], ceil_mode)
+    out_w = pooled_size(w, kernel_size[1], stride[1], padding[1], ceil_mode)
+    kernel = (kernel_size[0], kernel_size[1])
+    return input.new_empty((n, c, out_h, out_w)), input.new_empty((n, c, out_h, out_w), dtype=switch_dtype(kernel))
+
+
+def _setup_context(ctx, inputs, output):
+    input, kernel_size, stride, padding, _, relu = inputs
+    values, switches = output
+    ctx.save_for_backward(values, switches)
+    ctx.geometry = (kernel_size, stride, padding, [input.shape[-2], input.shape[-1]])
+    ctx.relu = relu
+    ctx.mark_non_differentiable(switches)
+
+
+def _backward(ctx, grad_values, _grad_switches):
+    values, switches = ctx.saved_tensors
+    kernel_size, stride, padding, input_size = ctx.geometry
+    if ctx.relu:  # ReLU's gradient at the winner; its pooled value is the rectified input there
+        grad_values = torch.ops.zfkernels.relu_backward(grad_values, values, 0)
+    grad_input = torch.ops.zfkernels.max_unpool2d(grad_values, switches, kernel_size, stride, padding, input_size, False)
+    return grad_input, None, None, None, None, None
+
+
+_max_pool2d_switches_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def max_pool2d_switches(
+    input: Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: int | Sequence[int] = 0,
+    ceil_mode: bool = False,
+    *,
+    relu: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Max-pool that records compact switches: ``values, switches``.
+
+    ``values`` equals ``F.max_pool2d(F.relu(input) if relu else input, ...)`` bit for bit; ties and NaN
+    resolve as there. ``switches`` holds each winner's window-local offset ``kh * kW + kw`` as uint8
+    (int16/int32 only for windows over 256 elements): 8x smaller than torch's int64 indices.
+    Input is (N, C, H, W) or (C, H, W); outputs are contiguous.
+    """
+    check_tensor(input, "input", (3, 4))
+    if not isinstance(ceil_mode, bool):
+        raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
+    kernel, stride_pair, pad = pool_params(kernel_size, stride, padding)
+    check_pool_fits((input.shape[-2], input.shape[-1]), kernel, pad)
+    batched = input.dim() == 4
+    x = input if batched else input.unsqueeze(0)
+    values, switches = torch.ops.zfkernels.max_pool2d_switches(x, list(kernel), list(stride_pair), list(pad),
+                                                               ceil_mode, bool(relu))
+    return (values, switches) if batched else (values.squeeze(0), switches.squeeze(0))
+
+
+def switches_to_indices(
+    switches: Tensor,
+    input_size: Sequence[int],
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: int | Sequence[int] = 0,
+) -> Tensor:
+    """The int64 flat indices ``F.max_pool2d(..., return_indices=True)`` returns, from our switches.
+
+    ``input_size`` is the pooled input's (H, W) (a longer size such as (N, C, H, W) is accepted).
+    """
+    check_tensor(switches, "switches", (3, 4), (torch.uint8, torch.int16, torch.int32))
+    if not isinstance(input_size, (tuple, list, torch.Size)) or len(input_size) < 2:
+        raise TypeError(f"input_size must be a sequence ending in (H, W), got {input_size!r}")
+    in_size = (int(input_size[-2]), int(input_size[-1]))
+    kernel, stride_pair, pad = pool_params(kernel_size, stride, padding)
+    flat, valid = switch_targets(switches, in_size, kernel, stride_pair, pad)
+    if not torch.compiler.is_compiling() and not bool(valid.all()):
+        raise ValueError(f"switches has {int((~valid).sum())} entries outside their pooling window (or on padding)")
+    return flat

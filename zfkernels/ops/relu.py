@@ -1,0 +1,96 @@
+"""ReLU with a selectable backward rule: standard, deconvnet (relu of the gradient) or guided."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._backend import implementation
+from ._checks import check_same_device, check_tensor
+from .reference import RULES
+
+
+@torch.library.custom_op("zfkernels::relu", mutates_args=())
+def _relu_op(input: Tensor, rule: int) -> Tensor:
+    return implementation(input.device).relu(input)
+
+
+@_relu_op.register_fake
+def _(input, rule):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def _relu_setup(ctx, inputs, output):
+    ctx.rule = inputs[1]
+    ctx.save_for_backward(output)
+
+
+def _relu_backward(ctx, grad):
+    (output,) = ctx.saved_tensors
+    return torch.ops.zfkernels.relu_backward(grad, output, ctx.rule), None
+
+
+_relu_op.register_autograd(_relu_backward, setup_context=_relu_setup)
+
+
+@torch.library.custom_op("zfkernels::relu_", mutates_args=("input",))
+def _relu_inplace_op(input: Tensor) -> None:
+    implementation(input.device).relu_(input)
+
+
+@torch.library.custom_op("zfkernels::relu_backward", mutates_args=())
+def _relu_backward_op(grad: Tensor, output: Tensor, rule: int) -> Tensor:
+    return implementation(grad.device).relu_backward(grad, output, rule)
+
+
+@_relu_backward_op.register_fake
+def _(grad, output, rule):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+def _relu_backward_setup(ctx, inputs, output):
+    _, forward_output, rule = inputs
+    ctx.rule = rule
+    # Each rule passes grad or zero; which one depends on the forward output (standard) or on the result.
+    ctx.save_for_backward(forward_output if RULES[rule] == "standard" else output)
+
+
+def _relu_backward_backward(ctx, grad_grad):
+    (mask_source,) = ctx.saved_tensors
+    return torch.ops.zfkernels.relu_backward(grad_grad, mask_source, 0), None, None
+
+
+_relu_backward_op.register_autograd(_relu_backward_backward, setup_context=_relu_backward_setup)
+
+
+def _rule_code(backward: str) -> int:
+    if backward not in RULES:
+        raise ValueError(f"backward must be one of {list(RULES)}, got {backward!r}")
+    return RULES.index(backward)
+
+
+def relu(input: Tensor, inplace: bool = False, *, backward: str = "standard") -> Tensor:
+    """``torch.relu`` (bit for bit, NaN and -0.0 included) with a choice of gradient rule.
+
+    backward="standard": the true gradient; "deconvnet": relu(grad), the Zeiler & Fergus projection;
+    "guided": relu(grad) where the input was positive (guided backprop).
+    """
+    check_tensor(input, "input", tuple(range(0, 9)))
+    rule = _rule_code(backward)
+    if not inplace:
+        return torch.ops.zfkernels.relu(input, rule)
+    if torch.is_grad_enabled() and input.requires_grad:
+        return input.copy_(torch.ops.zfkernels.relu(input, rule))  # autograd records the copy like any in-place op
+    torch.ops.zfkernels.relu_(input)
+    return input
+
+
+def relu_backward(grad: Tensor, output: Tensor, backward: str = "standard") -> Tensor:
+    """The gradient ``relu`` sends back under a rule, given the forward ``output``."""
+    check_tensor(grad, "grad", tuple(range(0, 9)))
+    check_tensor(output, "output", tuple(range(0, 9)))
+    if grad.shape != output.shape or grad.dtype != output.dtype:
+        raise ValueError(f"output must match grad's shape and dtype {tuple(grad.shape)}/{grad.dtype}, "
+                         f"got {tuple(output.shape)}/{output.dtype}")
+    check_same_device(grad=grad, output=output)
+    return torch.ops.zfkernels.relu_backward(grad, output, _rule_code(backward))
