@@ -80,9 +80,9 @@ PYBIND11_MODULE(_C, m) {
         },
         release);
   m.def("col2im",
-        [](Ptr cols, Ptr bias, Ptr output, int dtype, int64_t batch, int64_t channels, std::array<int64_t, 4> sizes,
-           std::array<int64_t, 8> params, int threads) {
-          zfk::cpu::col2im(cptr(cols), bias ? cptr(bias) : nullptr, mptr(output), DType(dtype), batch, channels,
+        [](Ptr cols, Ptr bias, Ptr output, int dtype, int64_t batch, int64_t channels, int64_t groups,
+           std::array<int64_t, 4> sizes, std::array<int64_t, 8> params, int threads) {
+          zfk::cpu::col2im(cptr(cols), bias ? cptr(bias) : nullptr, mptr(output), DType(dtype), batch, channels, groups,
                            conv_geometry(sizes, params), threads);
         },
         release);

@@ -1,57 +1,50 @@
 // CPU launcher: col2im for transposed convolution. The GEMM itself goes to the vendor BLAS through torch.mm.
+#include <algorithm>
 #include <vector>
 
 #include "cpu/ops.h"
 #include "cpu/parallel.h"
-#include "cpu/simd.h"
-#include "kernels/conv_transpose.h"
 
 namespace zfk::cpu {
-namespace {
 
-struct Tap {
-  int64_t k, source;  // kernel offset and the input row/column it reads
-};
-
-// For every output row (or column), the kernel taps that reach it, so the inner loop has no division.
-std::vector<std::vector<Tap>> taps_for(int64_t out_size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation,
-                                       int64_t in_size) {
-  std::vector<std::vector<Tap>> taps(out_size);
-  for (int64_t o = 0; o < out_size; ++o) {
-    for (int64_t k = 0; k < kernel; ++k) {
-      const int64_t s = conv_transpose_source(o, k, stride, pad, dilation, in_size);
-      if (s >= 0) taps[o].push_back({k, s});
-    }
-  }
-  return taps;
-}
-
-}  // namespace
-
+// Columns come from the GEMM input^T @ weight, laid out [image][group][in_h * in_w][channel in group][kh][kw]:
+// that orientation keeps the GEMM's long dimension (pixels) as its rows, where the BLAS is fastest. The
+// columns are then read in order, each pixel's row added into its output window (an image's output stays
+// in cache while its columns stream by), one thread per (image, group) so the sums are deterministic.
 void col2im(const void* cols, const void* bias, void* output, DType dtype, int64_t batch, int64_t channels,
-            const ConvTransposeGeometry& g, int num_threads) {
-  const auto row_taps = taps_for(g.out_h, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h, g.in_h);
-  const auto col_taps = taps_for(g.out_w, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w, g.in_w);
+            int64_t groups, const ConvTransposeGeometry& g, int num_threads) {
   dispatch_dtype(dtype, [&](auto t) {
     using T = decltype(t);
     using C = compute_t<T>;
     const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
-    const int64_t cols_per_channel = g.kernel_h * g.kernel_w * in_plane;
-    parallel_for(batch * channels, num_threads, out_plane * 4, [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const T* channel_cols = static_cast<const T*>(cols) + plane * cols_per_channel;
-        T* out = static_cast<T*>(output) + plane * out_plane;
-        const C b = bias ? load(static_cast<const T*>(bias) + plane % channels) : C(0);
-        for (int64_t oy = 0; oy < g.out_h; ++oy) {
-          for (int64_t ox = 0; ox < g.out_w; ++ox) {
-            C sum = 0;
-            for (const Tap& r : row_taps[oy]) {
-              const T* row = channel_cols + r.k * g.kernel_w * in_plane + r.source * g.in_w;
-              for (const Tap& c : col_taps[ox]) sum += load(row + c.k * in_plane + c.source);
+    const int64_t taps = g.kernel_h * g.kernel_w, per_group = channels / groups;
+    const int64_t pixel_stride = per_group * taps;  // between adjacent input pixels in the columns
+    parallel_for(batch * groups, num_threads, in_plane * pixel_stride, [&](int64_t begin, int64_t end) {
+      std::vector<C> acc(per_group * out_plane);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t image = task / groups, group = task % groups;
+        for (int64_t j = 0; j < per_group; ++j) {
+          const C b = bias ? load(static_cast<const T*>(bias) + group * per_group + j) : C(0);
+          std::fill(acc.begin() + j * out_plane, acc.begin() + (j + 1) * out_plane, b);
+        }
+        const T* pixel = static_cast<const T*>(cols) + task * in_plane * pixel_stride;
+        for (int64_t iy = 0; iy < g.in_h; ++iy) {
+          for (int64_t ix = 0; ix < g.in_w; ++ix, pixel += pixel_stride) {
+            for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+              const int64_t oy = iy * g.stride_h - g.pad_h + kh * g.dilation_h;
+              if (oy < 0 || oy >= g.out_h) continue;
+              for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+                const int64_t ox = ix * g.stride_w - g.pad_w + kw * g.dilation_w;
+                if (ox < 0 || ox >= g.out_w) continue;
+                C* target = acc.data() + oy * g.out_w + ox;
+                const T* source = pixel + kh * g.kernel_w + kw;
+                for (int64_t j = 0; j < per_group; ++j) target[j * out_plane] += load(source + j * taps);
+              }
             }
-            store(out + oy * g.out_w + ox, sum + b);
           }
         }
+        T* out = static_cast<T*>(output) + (image * channels + group * per_group) * out_plane;
+        for (int64_t i = 0; i < per_group * out_plane; ++i) store(out + i, acc[i]);
       }
     });
   });

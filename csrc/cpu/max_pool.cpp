@@ -11,74 +11,108 @@
 namespace zfk::cpu {
 namespace {
 
-constexpr int64_t kChunk = 64;  // output columns scanned together; their running maxima stay in L1
-
-// Interior windows (fully inside the plane) of one output row, vectorized across output columns.
-// kStride > 0 fixes the column stride at compile time so the strided loads become shuffles.
-template <int kStride, bool kRelu, typename T>
-ZFK_VECTORIZED void interior_row(const T* plane, const PoolGeometry& g,
-                                                                    int64_t oh, int64_t ow_begin, int64_t n,
-                                                                    T* values, int32_t* switches) {
-  const int64_t stride = kStride > 0 ? kStride : g.stride_w;
-  const T* origin = plane + (oh * g.stride_h - g.pad_h) * g.in_w + (ow_begin * stride - g.pad_w);
-  T best[kChunk];
-  int32_t offset[kChunk];
-  for (int64_t j = 0; j < n; ++j) {
-    best[j] = -std::numeric_limits<T>::infinity();
-    offset[j] = 0;
-  }
-  int32_t k = 0;
-  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-    for (int64_t kw = 0; kw < g.kernel_w; ++kw, ++k) {
-      const T* row = origin + kh * g.in_w + kw;
-      for (int64_t j = 0; j < n; ++j) {
-        T v = row[j * stride];
-        if (kRelu) v = v < T(0) ? T(0) : v;
-        const bool take = (v > best[j]) | (v != v);  // same order and NaN rule as torch
-        best[j] = take ? v : best[j];
-        offset[j] = take ? k : offset[j];
-      }
-    }
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    values[j] = best[j];
-    switches[j] = offset[j];
+// Lanes row[0], row[s], ..., row[(L-1)s] for a compile-time stride s. A full load reads L*s elements;
+// a partial one reads only the first n lanes (the rest are -inf), so the row's end is never passed.
+template <int kStride, bool kPartial, typename T>
+__attribute__((always_inline)) inline typename Simd<T>::Vec strided_lanes(const T* row, int n) {
+  using V = typename Simd<T>::Vec;
+  using I = typename Simd<T>::Int;
+  constexpr int L = Simd<T>::kLanes;
+  if constexpr (kPartial) {
+    V v = V{} - __builtin_huge_val();
+    for (int j = 0; j < n; ++j) v[j] = row[j * kStride];
+    return v;
+  } else if constexpr (kStride == 1) {
+    return load_vec<V>(row);
+  } else {
+    static_assert(kStride == 2, "vectorized strides are 1 and 2");
+    I evens;
+    for (int j = 0; j < L; ++j) evens[j] = 2 * j;
+    return __builtin_shuffle(load_vec<V>(row), load_vec<V>(row + L), evens);
   }
 }
 
-template <typename T, typename S>
-void pool_plane(const T* plane, const PoolGeometry& g, bool relu, T* values, S* switches) {
-  // Half types take the element path only: they compare in float and store the winner exactly.
-  constexpr bool kVectorizable = std::is_same_v<T, float> || std::is_same_v<T, double>;
-  // Output columns [ow_lo, ow_hi) have windows fully inside the plane's width.
-  const int64_t ow_lo = std::min(g.out_w, (g.pad_w + g.stride_w - 1) / g.stride_w);
-  const int64_t ow_hi = std::max(ow_lo, std::min(g.out_w, (g.in_w + g.pad_w - g.kernel_w) / g.stride_w + 1));
-  int32_t offsets[kChunk];
+// Up to L adjacent windows of one output row, whose columns lie inside the plane and whose rows are
+// clipped alike to [kh_begin, kh_end); `first_row` points at row kh_begin of the first window.
+// Same scan order, initial switch and NaN rule as max_pool_window; the ReLU keeps -0.0 and NaN.
+template <int kStride, bool kRelu, bool kPartial, typename T, typename S>
+ZFK_VECTORIZED void window_block(const T* first_row, const PoolGeometry& g, int64_t kh_begin, int64_t kh_end, int n,
+                                 T* values, S* switches) {
+  using V = typename Simd<T>::Vec;
+  using I = typename Simd<T>::Int;
+  using Lane = typename Simd<T>::Lane;
+  V best = V{} - __builtin_huge_val();
+  I offset = I{} + Lane(kh_begin * g.kernel_w);
+  const V zero = V{};
+  for (int64_t kh = kh_begin; kh < kh_end; ++kh) {
+    const T* row = first_row + (kh - kh_begin) * g.in_w;
+    for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+      V v = strided_lanes<kStride, kPartial>(row + kw, n);
+      if (kRelu) v = v < zero ? zero : v;
+      const I take = (v > best) | (v != v);
+      best = take ? v : best;
+      offset = take ? I{} + Lane(kh * g.kernel_w + kw) : offset;
+    }
+  }
+  if constexpr (kPartial) {
+    for (int j = 0; j < n; ++j) values[j] = best[j];
+  } else {
+    store_vec(values, best);
+  }
+  for (int j = 0; j < n; ++j) switches[j] = S(offset[j]);
+}
+
+template <int kStride, bool kRelu, typename T, typename S>
+void pool_plane_vectorized(const T* plane, const PoolGeometry& g, T* values, S* switches) {
+  constexpr int L = Simd<T>::kLanes;
+  // Columns [ow_lo, ow_hi) have windows inside the plane's width. Full blocks also need their vector
+  // loads (L * stride elements from each window column) to end inside the row; a partial block
+  // covers what is left, and the clipped border columns take the element path.
+  const int64_t ow_lo = std::min(g.out_w, (g.pad_w + kStride - 1) / kStride);
+  const int64_t ow_hi = std::max(ow_lo, std::min(g.out_w, (g.in_w + g.pad_w - g.kernel_w) / kStride + 1));
+  const int64_t last_read = g.kernel_w - 1 + int64_t(L) * kStride - 1;  // relative to the window origin
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
     T* value_row = values + oh * g.out_w;
     S* switch_row = switches + oh * g.out_w;
     const int64_t h0 = oh * g.stride_h - g.pad_h;
-    const bool fast_row = kVectorizable && h0 >= 0 && h0 + g.kernel_h <= g.in_h && ow_lo < ow_hi;
-    const int64_t fast_begin = fast_row ? ow_lo : g.out_w, fast_end = fast_row ? ow_hi : g.out_w;
-    for (int64_t ow = 0; ow < fast_begin; ++ow) max_pool_window(plane, g, oh, ow, relu, value_row + ow, switch_row + ow);
-    if constexpr (kVectorizable) {
-      for (int64_t c0 = fast_begin; c0 < fast_end; c0 += kChunk) {
-        const int64_t n = std::min(kChunk, fast_end - c0);
-        if (g.stride_w == 2) {
-          relu ? interior_row<2, true>(plane, g, oh, c0, n, value_row + c0, offsets)
-               : interior_row<2, false>(plane, g, oh, c0, n, value_row + c0, offsets);
-        } else if (g.stride_w == 1) {
-          relu ? interior_row<1, true>(plane, g, oh, c0, n, value_row + c0, offsets)
-               : interior_row<1, false>(plane, g, oh, c0, n, value_row + c0, offsets);
-        } else {
-          relu ? interior_row<0, true>(plane, g, oh, c0, n, value_row + c0, offsets)
-               : interior_row<0, false>(plane, g, oh, c0, n, value_row + c0, offsets);
-        }
-        for (int64_t j = 0; j < n; ++j) switch_row[c0 + j] = S(offsets[j]);
-      }
+    const int64_t kh_begin = std::max<int64_t>(0, -h0), kh_end = std::min(g.kernel_h, g.in_h - h0);
+    const T* first_row = plane + (h0 + kh_begin) * g.in_w - g.pad_w;
+    int64_t ow = 0;
+    for (; ow < ow_lo; ++ow) max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);
+    for (; ow + L <= ow_hi && ow * kStride - g.pad_w + last_read < g.in_w; ow += L) {
+      window_block<kStride, kRelu, false>(first_row + ow * kStride, g, kh_begin, kh_end, L, value_row + ow,
+                                          switch_row + ow);
     }
-    for (int64_t ow = fast_end; ow < g.out_w; ++ow) max_pool_window(plane, g, oh, ow, relu, value_row + ow, switch_row + ow);
+    if (ow < ow_hi) {  // fewer than L columns are left
+      window_block<kStride, kRelu, true>(first_row + ow * kStride, g, kh_begin, kh_end, int(ow_hi - ow),
+                                         value_row + ow, switch_row + ow);
+      ow = ow_hi;
+    }
+    for (; ow < g.out_w; ++ow) max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);
   }
+}
+
+template <typename T, typename S>
+void pool_plane_scalar(const T* plane, const PoolGeometry& g, bool relu, T* values, S* switches) {
+  for (int64_t oh = 0; oh < g.out_h; ++oh)
+    for (int64_t ow = 0; ow < g.out_w; ++ow)
+      max_pool_window(plane, g, oh, ow, relu, values + oh * g.out_w + ow, switches + oh * g.out_w + ow);
+}
+
+template <typename T, typename S>
+void pool_plane(const T* plane, const PoolGeometry& g, bool relu, T* values, S* switches) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    if (g.stride_w == 2) {
+      return relu ? pool_plane_vectorized<2, true>(plane, g, values, switches)
+                  : pool_plane_vectorized<2, false>(plane, g, values, switches);
+    }
+    if (g.stride_w == 1) {
+      return relu ? pool_plane_vectorized<1, true>(plane, g, values, switches)
+                  : pool_plane_vectorized<1, false>(plane, g, values, switches);
+    }
+  }
+  // Other strides and the half types (which compare in float) take the element path.
+  pool_plane_scalar(plane, g, relu, values, switches);
 }
 
 template <typename T, typename S>

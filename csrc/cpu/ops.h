@@ -48,7 +48,7 @@ void relu(const void* input, void* output, DType dtype, int64_t numel, int num_t
 void relu_backward(const void* grad, const void* output, void* grad_input, DType dtype, int64_t numel, int rule,
                    int num_threads);
 void col2im(const void* cols, const void* bias, void* output, DType dtype, int64_t batch, int64_t channels,
-            const ConvTransposeGeometry& g, int num_threads);
+            int64_t groups, const ConvTransposeGeometry& g, int num_threads);
 int64_t unpool_conv_transpose2d(const void* values, const void* switches, const void* weight, void* output,
                                 DType dtype, SwitchType switch_type, int64_t batch, int64_t in_channels,
                                 int64_t out_channels, const PoolGeometry& pool, const ConvTransposeGeometry& g,

@@ -10,7 +10,8 @@
 #include "cpu/ops.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
-#include "kernels/conv_transpose.h"
+#include "cpu/switch_decoder.h"
+#include "cpu/taps.h"
 
 namespace zfk::cpu {
 namespace {
@@ -32,16 +33,15 @@ struct SparseUnpooled {
 // Switch targets summed in row-major window order per channel (as max_unpool2d does), then rectified;
 // entries that rectify to zero are dropped since they add nothing. Returns the invalid switches seen.
 template <typename T, typename S, typename C>
-int64_t build_sparse(const T* values, const S* switches, int64_t in_channels, const PoolGeometry& pool, bool relu,
-                     SparseUnpooled<C>& sparse) {
-  constexpr bool kFlat = std::is_same_v<S, int64_t>;
+int64_t build_sparse(const T* values, const S* switches, int64_t in_channels, const PoolGeometry& pool,
+                     const SwitchDecoder<S>& decoder, bool relu, SparseUnpooled<C>& sparse) {
   const int64_t positions = pool.in_h * pool.in_w, pooled = pool.out_h * pool.out_w;
   sparse.offsets.assign(positions + 1, 0);
   sparse.last_channel.assign(positions, -1);
   int64_t invalid = 0;
   for (int64_t c = 0; c < in_channels; ++c) {  // count distinct (channel, position) pairs
     for (int64_t p = 0; p < pooled; ++p) {
-      const int64_t t = switch_target(pool, p / pool.out_w, p % pool.out_w, int64_t(switches[c * pooled + p]), kFlat);
+      const int64_t t = decoder.target(p / pool.out_w, p % pool.out_w, switches[c * pooled + p]);
       if (t < 0) {
         ++invalid;
       } else if (sparse.last_channel[t] != c) {
@@ -56,7 +56,7 @@ int64_t build_sparse(const T* values, const S* switches, int64_t in_channels, co
   sparse.last_channel.assign(positions, -1);
   for (int64_t c = 0; c < in_channels; ++c) {
     for (int64_t p = 0; p < pooled; ++p) {
-      const int64_t t = switch_target(pool, p / pool.out_w, p % pool.out_w, int64_t(switches[c * pooled + p]), kFlat);
+      const int64_t t = decoder.target(p / pool.out_w, p % pool.out_w, switches[c * pooled + p]);
       if (t < 0) continue;
       const C v = load(values + c * pooled + p);
       if (sparse.last_channel[t] == c) {
@@ -82,43 +82,45 @@ int64_t build_sparse(const T* values, const S* switches, int64_t in_channels, co
   return invalid;
 }
 
-// Output-stationary gather for one image: a block of kBlock output channels stays in registers
-// while the taps and their sparse entries stream by. Weights are [kh][kw][in_channel][out_padded].
-template <int kBlock, typename T, typename C>
+// Output-stationary gather for one image: a block of kVecs vectors of output channels stays in
+// registers while the taps and their sparse entries stream by. Weights are [kh][kw][in][out_padded].
+template <int kVecs, typename T, typename C>
 ZFK_VECTORIZED void gather_image(const SparseUnpooled<C>& sparse, const C* weights, int64_t in_channels,
-                                 int64_t out_channels, int64_t out_padded, const ConvTransposeGeometry& g, T* out) {
+                                 int64_t out_channels, int64_t out_padded, const ConvTransposeGeometry& g,
+                                 const std::vector<std::vector<Tap>>& row_taps,
+                                 const std::vector<std::vector<Tap>>& col_taps, T* out) {
+  using V = typename Simd<C>::Vec;
+  constexpr int L = Simd<C>::kLanes, kBlock = kVecs * L;
   const int64_t out_plane = g.out_h * g.out_w;
   for (int64_t oy = 0; oy < g.out_h; ++oy) {
     for (int64_t ox = 0; ox < g.out_w; ++ox) {
       for (int64_t co0 = 0; co0 < out_padded; co0 += kBlock) {
-        C acc[kBlock] = {};
-        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-          const int64_t iy = conv_transpose_source(oy, kh, g.stride_h, g.pad_h, g.dilation_h, g.in_h);
-          if (iy < 0) continue;
-          for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
-            const int64_t ix = conv_transpose_source(ox, kw, g.stride_w, g.pad_w, g.dilation_w, g.in_w);
-            if (ix < 0) continue;
-            const int64_t t = iy * g.in_w + ix;
-            const C* tap = weights + (kh * g.kernel_w + kw) * in_channels * out_padded + co0;
+        V acc[kVecs] = {};
+        for (const Tap& r : row_taps[oy]) {
+          for (const Tap& c : col_taps[ox]) {
+            const int64_t t = r.source * g.in_w + c.source;
+            const C* tap = weights + (r.k * g.kernel_w + c.k) * in_channels * out_padded + co0;
             for (int64_t e = sparse.offsets[t]; e < sparse.offsets[t + 1]; ++e) {
-              const C u = sparse.entries[e].value;
+              const V u = V{} + sparse.entries[e].value;
               const C* w = tap + sparse.entries[e].channel * out_padded;
-              for (int j = 0; j < kBlock; ++j) acc[j] += u * w[j];
+#pragma GCC unroll 8
+              for (int v = 0; v < kVecs; ++v) acc[v] += u * load_vec<V>(w + v * L);
             }
           }
         }
         const int64_t n = std::min<int64_t>(kBlock, out_channels - co0);
-        for (int64_t j = 0; j < n; ++j) store(out + (co0 + j) * out_plane + oy * g.out_w + ox, acc[j]);
+        for (int64_t j = 0; j < n; ++j) store(out + (co0 + j) * out_plane + oy * g.out_w + ox, acc[j / L][j % L]);
       }
     }
   }
 }
 
-template <typename T, typename S, int kBlock>
+template <typename T, typename S, int kVecs>
 int64_t launch(const void* values, const void* switches, const void* weight, void* output, int64_t batch,
                int64_t in_channels, int64_t out_channels, const PoolGeometry& pool, const ConvTransposeGeometry& g,
                bool relu, int num_threads) {
   using C = compute_t<T>;
+  constexpr int kBlock = kVecs * Simd<C>::kLanes;
   const int64_t taps = g.kernel_h * g.kernel_w;
   const int64_t out_padded = (out_channels + kBlock - 1) / kBlock * kBlock;
   std::vector<C> weights(taps * in_channels * out_padded, C(0));  // [kh][kw][ci][co], zero-padded in co
@@ -130,14 +132,17 @@ int64_t launch(const void* values, const void* switches, const void* weight, voi
 
   const int64_t pooled = pool.out_h * pool.out_w, out_image = out_channels * g.out_h * g.out_w;
   std::vector<int64_t> invalid(std::max<int64_t>(batch, 1), 0);
+  const SwitchDecoder<S> decoder(pool);
+  const auto row_taps = taps_for(g.out_h, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h, g.in_h);
+  const auto col_taps = taps_for(g.out_w, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w, g.in_w);
   parallel_for(batch, num_threads, out_image * in_channels, [&](int64_t begin, int64_t end) {
     SparseUnpooled<C> sparse;
     for (int64_t b = begin; b < end; ++b) {
       invalid[b] = build_sparse(static_cast<const T*>(values) + b * in_channels * pooled,
-                                static_cast<const S*>(switches) + b * in_channels * pooled, in_channels, pool, relu,
-                                sparse);
-      gather_image<kBlock>(sparse, weights.data(), in_channels, out_channels, out_padded, g,
-                           static_cast<T*>(output) + b * out_image);
+                                static_cast<const S*>(switches) + b * in_channels * pooled, in_channels, pool, decoder,
+                                relu, sparse);
+      gather_image<kVecs, T>(sparse, weights.data(), in_channels, out_channels, out_padded, g, row_taps, col_taps,
+                             static_cast<T*>(output) + b * out_image);
     }
   });
   int64_t total = 0;
@@ -156,19 +161,23 @@ int64_t unpool_conv_transpose2d(const void* values, const void* switches, const 
     using T = decltype(t);
     dispatch_switch(switch_type, [&](auto s) {
       using S = decltype(s);
-      // Block width: the largest that divides the output channels, so little of the padding is computed.
-      if (out_channels % 64 == 0) {
-        invalid = launch<T, S, 64>(values, switches, weight, output, batch, in_channels, out_channels, pool, g, relu,
-                                   num_threads);
-      } else if (out_channels % 48 == 0) {
-        invalid = launch<T, S, 48>(values, switches, weight, output, batch, in_channels, out_channels, pool, g, relu,
-                                   num_threads);
-      } else if (out_channels >= 32) {
-        invalid = launch<T, S, 32>(values, switches, weight, output, batch, in_channels, out_channels, pool, g, relu,
-                                   num_threads);
+      // Block width: the widest (up to 8 vectors) that divides the output channels, so little of the
+      // zero padding is computed; narrow outputs take one vector.
+      constexpr int L = Simd<compute_t<T>>::kLanes;
+      const auto run = [&](auto vecs) {
+        invalid = launch<T, S, decltype(vecs)::value>(values, switches, weight, output, batch, in_channels,
+                                                        out_channels, pool, g, relu, num_threads);
+      };
+      if (out_channels % (8 * L) == 0) {
+        run(std::integral_constant<int, 8>{});
+      } else if (out_channels % (6 * L) == 0) {
+        run(std::integral_constant<int, 6>{});
+      } else if (out_channels >= 4 * L) {
+        run(std::integral_constant<int, 4>{});
+      } else if (out_channels >= 2 * L) {
+        run(std::integral_constant<int, 2>{});
       } else {
-        invalid = launch<T, S, 8>(values, switches, weight, output, batch, in_channels, out_channels, pool, g, relu,
-                                  num_threads);
+        run(std::integral_constant<int, 1>{});
       }
     });
   });

@@ -73,14 +73,25 @@ struct PoolGeometry {
   int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w;
 };
 
+// A switch decoded into its row and column inside the (unclipped) window.
+struct WindowOffset {
+  int64_t dh, dw;
+};
+
+ZFK_HOST_DEVICE WindowOffset switch_offset(const PoolGeometry& g, int64_t sw) { return {sw / g.kernel_w, sw % g.kernel_w}; }
+
+// Flat input position of a window offset, or -1 when it falls on padding.
+ZFK_HOST_DEVICE int64_t window_target(const PoolGeometry& g, int64_t oh, int64_t ow, WindowOffset o) {
+  const int64_t ih = oh * g.stride_h - g.pad_h + o.dh, iw = ow * g.stride_w - g.pad_w + o.dw;
+  if (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) return -1;
+  return ih * g.in_w + iw;
+}
+
 // Input position a window-local switch points to, or -1 when the switch lies outside the window
 // or on padding. The one definition every backend uses, so no switch can address out of bounds.
 ZFK_HOST_DEVICE int64_t switch_target(const PoolGeometry& g, int64_t oh, int64_t ow, int64_t sw) {
   if (sw < 0 || sw >= g.kernel_h * g.kernel_w) return -1;
-  int64_t ih = oh * g.stride_h - g.pad_h + sw / g.kernel_w;
-  int64_t iw = ow * g.stride_w - g.pad_w + sw % g.kernel_w;
-  if (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) return -1;
-  return ih * g.in_w + iw;
+  return window_target(g, oh, ow, switch_offset(g, sw));
 }
 
 // The same for torch's int64 flat indices (max_pool2d(return_indices=True)): valid only inside the window.

@@ -23,10 +23,9 @@ ZFK_HOST_DEVICE void max_pool_window(const T* plane, const PoolGeometry& g, int6
     for (int64_t iw = iw_begin; iw < iw_end; ++iw) {
       C v = load(plane + ih * g.in_w + iw);
       if (fuse_relu) v = relu(v);
-      if (v > best || v != v) {
-        best = v;
-        best_offset = (ih - h0) * g.kernel_w + (iw - w0);
-      }
+      const bool take = (v > best) | (v != v);  // branch-free: random data would mispredict
+      best = take ? v : best;
+      best_offset = take ? (ih - h0) * g.kernel_w + (iw - w0) : best_offset;
     }
   }
   store(value_out, best);

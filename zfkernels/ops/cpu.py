@@ -108,19 +108,21 @@ def conv_transpose2d(input, weight, bias, stride: Pair, padding: Pair, output_pa
     out = huge_page_empty((n, c_out, out_h, out_w), x)
     if n == 0:
         return out
-    # columns[image, group] = weight[group]^T @ input[image, group]: (out_per_group*k_h*k_w, h*w)
-    weight_t = weight.contiguous().view(groups, c_in // groups, out_per_group * k_h * k_w).transpose(1, 2)
+    # columns[image, group] = input[image, group]^T @ weight[group]: (h*w, out_per_group*k_h*k_w). The
+    # transposed input is a free view the BLAS reads directly, and pixels as GEMM rows run fastest.
+    weight_groups = weight.contiguous().view(groups, c_in // groups, out_per_group * k_h * k_w)
     column_bytes = c_out * k_h * k_w * h * w * x.element_size()
     chunk = max(1, min(n, _COLUMN_CHUNK_BYTES // max(column_bytes, 1)))
-    columns = torch.empty((chunk, groups, out_per_group * k_h * k_w, h * w), dtype=x.dtype)
+    columns = torch.empty((chunk, groups, h * w, out_per_group * k_h * k_w), dtype=x.dtype)
     b = bias.contiguous() if bias is not None else None
     sizes, params = (h, w, out_h, out_w), (k_h, k_w, *stride, *padding, *dilation)
     for start in range(0, n, chunk):
         count = min(chunk, n - start)
         cols = columns[:count]
-        torch.matmul(weight_t, x[start:start + count].view(count, groups, c_in // groups, h * w), out=cols)
+        pixels_by_channel = x[start:start + count].view(count, groups, c_in // groups, h * w).transpose(-1, -2)
+        torch.matmul(pixels_by_channel, weight_groups, out=cols)
         cpu_module.col2im(cols.data_ptr(), 0 if b is None else b.data_ptr(), out[start].data_ptr(),
-                          DTYPE_CODES[x.dtype], count, c_out, sizes, params, _threads())
+                          DTYPE_CODES[x.dtype], count, c_out, groups, sizes, params, _threads())
     return out
 
 
