@@ -26,7 +26,7 @@ def find_nvcc() -> str | None:
 
 
 def resolve_nvcc(nvcc: str) -> str:
-    """Follow wrapper scripts (`exec /usr/local/cuda-X/bin/nvcc "$@"`) to the real toolkit, so CMake finds libcudart."""
+    """Follow a wrapper script (`exec .../bin/nvcc "$@"`) to the real toolkit, so CMake finds cudart."""
     path = Path(nvcc).resolve()
     try:
         text = path.read_text(errors="ignore") if path.stat().st_size < 4096 else ""

@@ -24,7 +24,9 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
 cpu_module, cpu_error = _load("_C")
 
 
-def huge_page_empty(shape: tuple[int, ...] | torch.Size, like: torch.Tensor, dtype: torch.dtype | None = None):
+def huge_page_empty(
+    shape: tuple[int, ...] | torch.Size, like: torch.Tensor, dtype: torch.dtype | None = None
+):
     """torch.empty for a large CPU output, backed by huge pages before its first touch (fewer page faults)."""
     out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
     nbytes = out.numel() * out.element_size()

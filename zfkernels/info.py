@@ -13,7 +13,8 @@ from .ops import _backend
 def report() -> str:
     lines = [
         f"zfkernels {__version__}",
-        f"python {platform.python_version()}, torch {torch.__version__}, CPU threads {torch.get_num_threads()}",
+        f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"CPU threads {torch.get_num_threads()}",
     ]
     try:
         import triton
@@ -29,9 +30,14 @@ def report() -> str:
     for name in _backend.KNOWN_BACKENDS:
         reason = _backend._why_unavailable(name)
         state = "usable" if reason is None else f"missing: {reason}"
-        detail = {"auto": "picks per device", "cpu": "C++ kernels (zfkernels._C)", "reference": "pure PyTorch"}[name]
+        detail = {
+            "auto": "picks per device",
+            "cpu": "C++ kernels (zfkernels._C)",
+            "reference": "pure PyTorch",
+        }[name]
         lines.append(f"  {name:<10} {state} ({detail})")
-    lines.append(f"selected backend: {_backend.get_backend()}; CPU tensors run on '{_backend.resolve(torch.device('cpu'))}'")
+    cpu_choice = _backend.resolve(torch.device("cpu"))
+    lines.append(f"selected backend: {_backend.get_backend()}; CPU tensors run on '{cpu_choice}'")
     if _extension.cpu_module is not None:
         lines.append(f"extension: {_extension.cpu_module.__file__}")
     return "\n".join(lines)

@@ -32,34 +32,48 @@ __attribute__((always_inline)) inline typename Simd<T>::Vec strided_lanes(const 
   }
 }
 
-// Up to L adjacent windows of one output row, whose columns lie inside the plane and whose rows are
-// clipped alike to [kh_begin, kh_end); `first_row` points at row kh_begin of the first window.
-// Same scan order, initial switch and NaN rule as max_pool_window; the ReLU keeps -0.0 and NaN.
-template <int kStride, bool kRelu, bool kPartial, typename T, typename S>
+// kBlocks * L adjacent windows of one output row (or n < L of them when kPartial), whose columns lie
+// inside the plane and whose rows are clipped alike to [kh_begin, kh_end); `first_row` points at row
+// kh_begin of the first window. Same scan order, initial switch and NaN rule as max_pool_window; the
+// ReLU keeps -0.0 and NaN. Several blocks run interleaved: each block's compare-and-select chain is
+// serial, so independent chains keep the vector units busy.
+template <int kStride, bool kRelu, bool kPartial, int kBlocks, typename T, typename S>
 ZFK_VECTORIZED void window_block(const T* first_row, const PoolGeometry& g, int64_t kh_begin, int64_t kh_end, int n,
                                  T* values, S* switches) {
   using V = typename Simd<T>::Vec;
   using I = typename Simd<T>::Int;
   using Lane = typename Simd<T>::Lane;
-  V best = V{} - __builtin_huge_val();
-  I offset = I{} + Lane(kh_begin * g.kernel_w);
+  constexpr int L = Simd<T>::kLanes;
+  static_assert(!kPartial || kBlocks == 1, "a partial block stands alone");
+  V best[kBlocks];
+  I offset[kBlocks];
+  for (int b = 0; b < kBlocks; ++b) {
+    best[b] = V{} - __builtin_huge_val();
+    offset[b] = I{} + Lane(kh_begin * g.kernel_w);
+  }
   const V zero = V{};
   for (int64_t kh = kh_begin; kh < kh_end; ++kh) {
     const T* row = first_row + (kh - kh_begin) * g.in_w;
     for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
-      V v = strided_lanes<kStride, kPartial>(row + kw, n);
-      if (kRelu) v = v < zero ? zero : v;
-      const I take = (v > best) | (v != v);
-      best = take ? v : best;
-      offset = take ? I{} + Lane(kh * g.kernel_w + kw) : offset;
+      const I here = I{} + Lane(kh * g.kernel_w + kw);
+#pragma GCC unroll 4
+      for (int b = 0; b < kBlocks; ++b) {
+        V v = strided_lanes<kStride, kPartial>(row + kw + b * L * kStride, n);
+        if (kRelu) v = v < zero ? zero : v;
+        const I take = (v > best[b]) | (v != v);
+        best[b] = take ? v : best[b];
+        offset[b] = take ? here : offset[b];
+      }
     }
   }
-  if constexpr (kPartial) {
-    for (int j = 0; j < n; ++j) values[j] = best[j];
-  } else {
-    store_vec(values, best);
+  for (int b = 0; b < kBlocks; ++b) {
+    if constexpr (kPartial) {
+      for (int j = 0; j < n; ++j) values[j] = best[b][j];
+    } else {
+      store_vec(values + b * L, best[b]);
+    }
+    for (int j = 0; j < (kPartial ? n : L); ++j) switches[b * L + j] = S(offset[b][j]);
   }
-  for (int j = 0; j < n; ++j) switches[j] = S(offset[j]);
 }
 
 template <int kStride, bool kRelu, typename T, typename S>
@@ -79,13 +93,18 @@ void pool_plane_vectorized(const T* plane, const PoolGeometry& g, T* values, S* 
     const T* first_row = plane + (h0 + kh_begin) * g.in_w - g.pad_w;
     int64_t ow = 0;
     for (; ow < ow_lo; ++ow) max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);
+    constexpr int kWide = 4;  // blocks per interleaved group
+    for (; ow + kWide * L <= ow_hi && (ow + (kWide - 1) * L) * kStride - g.pad_w + last_read < g.in_w; ow += kWide * L) {
+      window_block<kStride, kRelu, false, kWide>(first_row + ow * kStride, g, kh_begin, kh_end, L, value_row + ow,
+                                                 switch_row + ow);
+    }
     for (; ow + L <= ow_hi && ow * kStride - g.pad_w + last_read < g.in_w; ow += L) {
-      window_block<kStride, kRelu, false>(first_row + ow * kStride, g, kh_begin, kh_end, L, value_row + ow,
-                                          switch_row + ow);
+      window_block<kStride, kRelu, false, 1>(first_row + ow * kStride, g, kh_begin, kh_end, L, value_row + ow,
+                                             switch_row + ow);
     }
     if (ow < ow_hi) {  // fewer than L columns are left
-      window_block<kStride, kRelu, true>(first_row + ow * kStride, g, kh_begin, kh_end, int(ow_hi - ow),
-                                         value_row + ow, switch_row + ow);
+      window_block<kStride, kRelu, true, 1>(first_row + ow * kStride, g, kh_begin, kh_end, int(ow_hi - ow),
+                                            value_row + ow, switch_row + ow);
       ow = ow_hi;
     }
     for (; ow < g.out_w; ++ow) max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);

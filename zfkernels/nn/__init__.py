@@ -14,35 +14,54 @@ from ..ops.reference import RULES
 class MaxPool2dSwitches(torch.nn.Module):
     """``nn.MaxPool2d`` that returns ``(values, switches)``; ``relu=True`` fuses a preceding ReLU."""
 
-    def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
-                 padding: int | Sequence[int] = 0, ceil_mode: bool = False, *, relu: bool = False):
+    def __init__(
+        self,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] | None = None,
+        padding: int | Sequence[int] = 0,
+        ceil_mode: bool = False,
+        *,
+        relu: bool = False,
+    ):
         super().__init__()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.ceil_mode, self.relu = ceil_mode, relu
 
     def forward(self, input: Tensor) -> tuple[Tensor, Tensor]:
-        return ops.max_pool2d_switches(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
-                                       relu=self.relu)
+        return ops.max_pool2d_switches(
+            input, self.kernel_size, self.stride, self.padding, self.ceil_mode, relu=self.relu
+        )
 
     def extra_repr(self) -> str:
-        return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-                f"ceil_mode={self.ceil_mode}, relu={self.relu}")
+        return (
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"ceil_mode={self.ceil_mode}, relu={self.relu}"
+        )
 
 
 class MaxUnpool2d(torch.nn.Module):
     """Unpool with switches, summing shared argmaxes; ``relu=True`` fuses the following ReLU."""
 
-    def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
-                 padding: int | Sequence[int] = 0, *, relu: bool = False):
+    def __init__(
+        self,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] | None = None,
+        padding: int | Sequence[int] = 0,
+        *,
+        relu: bool = False,
+    ):
         super().__init__()
         self.kernel_size, self.stride, self.padding, self.relu = kernel_size, stride, padding, relu
 
     def forward(self, values: Tensor, switches: Tensor, output_size: Sequence[int] | None = None) -> Tensor:
-        return ops.max_unpool2d(values, switches, self.kernel_size, self.stride, self.padding, output_size,
-                                relu=self.relu)
+        return ops.max_unpool2d(
+            values, switches, self.kernel_size, self.stride, self.padding, output_size, relu=self.relu
+        )
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, relu={self.relu}"
+        return (
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, relu={self.relu}"
+        )
 
 
 class ReLU(torch.nn.Module):
@@ -67,10 +86,19 @@ class ConvTranspose2d(torch.nn.ConvTranspose2d):
     def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
         if self.padding_mode != "zeros":
             raise ValueError(f"padding_mode must be 'zeros' for ConvTranspose2d, got {self.padding_mode!r}")
-        output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2,
-                                              self.dilation)
-        return ops.conv_transpose2d(input, self.weight, self.bias, self.stride, self.padding, output_padding,
-                                    self.groups, self.dilation)
+        output_padding = self._output_padding(
+            input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
+        )
+        return ops.conv_transpose2d(
+            input,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            output_padding,
+            self.groups,
+            self.dilation,
+        )
 
 
 __all__ = ["ConvTranspose2d", "MaxPool2dSwitches", "MaxUnpool2d", "ReLU"]

@@ -8,7 +8,16 @@ from .relu import relu, relu_backward
 from .unpool_conv_transpose import unpool_conv_transpose2d
 
 __all__ = [
-    "available_backends", "conv_transpose2d", "gather_switches", "get_backend", "max_pool2d_switches",
-    "max_unpool2d", "relu", "relu_backward", "set_backend", "switches_to_indices", "unpool_conv_transpose2d",
+    "available_backends",
+    "conv_transpose2d",
+    "gather_switches",
+    "get_backend",
+    "max_pool2d_switches",
+    "max_unpool2d",
+    "relu",
+    "relu_backward",
+    "set_backend",
+    "switches_to_indices",
+    "unpool_conv_transpose2d",
     "use_backend",
 ]

@@ -14,8 +14,18 @@ Pair = tuple[int, int]
 
 def pair(value: int | Sequence[int], name: str, minimum: int) -> Pair:
     """An int or a sequence of one or two ints, each at least `minimum`, as a pair."""
-    items = [value] if isinstance(value, int) else list(value) if isinstance(value, (tuple, list, torch.Size)) else None
-    if items is None or len(items) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+    items = (
+        [value]
+        if isinstance(value, int)
+        else list(value)
+        if isinstance(value, (tuple, list, torch.Size))
+        else None
+    )
+    if (
+        items is None
+        or len(items) not in (1, 2)
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in items)
+    ):
         raise TypeError(f"{name} must be an int or a tuple of 2 ints, got {value!r}")
     if len(items) == 1:
         items = items * 2
@@ -26,12 +36,17 @@ def pair(value: int | Sequence[int], name: str, minimum: int) -> Pair:
 
 def pool_params(kernel_size, stride, padding) -> tuple[Pair, Pair, Pair]:
     kernel = pair(kernel_size, "kernel_size", 1)
-    stride_pair = kernel if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else pair(
-        stride, "stride", 1
+    stride_pair = (
+        kernel
+        if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)
+        else pair(stride, "stride", 1)
     )
     pad = pair(padding, "padding", 0)
     if pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
-        raise ValueError(f"padding must be at most half of kernel_size, got padding={padding!r}, kernel_size={kernel_size!r}")
+        raise ValueError(
+            f"padding must be at most half of kernel_size, "
+            f"got padding={padding!r}, kernel_size={kernel_size!r}"
+        )
     return kernel, stride_pair, pad
 
 
@@ -49,7 +64,9 @@ def switch_dtype(kernel: Pair) -> torch.dtype:
     return torch.uint8 if window <= 256 else torch.int16 if window <= 32768 else torch.int32
 
 
-def check_tensor(tensor, name: str, dims: tuple[int, ...], dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
+def check_tensor(
+    tensor, name: str, dims: tuple[int, ...], dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dim() not in dims:
@@ -69,7 +86,9 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
 
 def check_pool_fits(size: Pair, kernel: Pair, pad: Pair, name: str = "kernel_size") -> None:
     if size[0] + 2 * pad[0] < kernel[0] or size[1] + 2 * pad[1] < kernel[1]:
-        raise ValueError(f"{name} {kernel} is larger than the padded input {size[0] + 2 * pad[0]}x{size[1] + 2 * pad[1]}")
+        raise ValueError(
+            f"{name} {kernel} is larger than the padded input {size[0] + 2 * pad[0]}x{size[1] + 2 * pad[1]}"
+        )
 
 
 def check_no_invalid_switches(invalid: int, name: str = "switches") -> None:

@@ -11,21 +11,36 @@ from ._backend import implementation
 from ._checks import check_same_device, check_tensor, pair
 
 
-def conv_transpose_output_size(size: int, kernel: int, stride: int, pad: int, output_pad: int, dilation: int) -> int:
+def conv_transpose_output_size(
+    size: int, kernel: int, stride: int, pad: int, output_pad: int, dilation: int
+) -> int:
     return (size - 1) * stride - 2 * pad + dilation * (kernel - 1) + output_pad + 1
 
 
 @torch.library.custom_op("zfkernels::conv_transpose2d", mutates_args=())
-def _conv_transpose2d_op(input: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
-                         output_padding: list[int], groups: int, dilation: list[int]) -> Tensor:
-    return implementation(input.device).conv_transpose2d(input, weight, bias, tuple(stride), tuple(padding),
-                                                         tuple(output_padding), groups, tuple(dilation))
+def _conv_transpose2d_op(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    output_padding: list[int],
+    groups: int,
+    dilation: list[int],
+) -> Tensor:
+    return implementation(input.device).conv_transpose2d(
+        input, weight, bias, tuple(stride), tuple(padding), tuple(output_padding), groups, tuple(dilation)
+    )
 
 
 @_conv_transpose2d_op.register_fake
 def _(input, weight, bias, stride, padding, output_padding, groups, dilation):
-    sizes = [conv_transpose_output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i],
-                                        output_padding[i], dilation[i]) for i in range(2)]
+    sizes = [
+        conv_transpose_output_size(
+            input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], output_padding[i], dilation[i]
+        )
+        for i in range(2)
+    ]
     return input.new_empty((input.shape[0], weight.shape[1] * groups, *sizes))
 
 
@@ -39,9 +54,14 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad):
     input, weight = ctx.saved_tensors
     stride, padding, dilation, output_padding, groups = ctx.params
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
+    mask = [
+        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[1],
+        ctx.bias_sizes is not None and ctx.needs_input_grad[2],
+    ]
     grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad, input, weight, ctx.bias_sizes, stride, padding, dilation, True, output_padding, groups, mask)
+        grad, input, weight, ctx.bias_sizes, stride, padding, dilation, True, output_padding, groups, mask
+    )
     return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -72,19 +92,25 @@ def conv_transpose2d(
     out_pad_p, dil_p = pair(output_padding, "output_padding", 0), pair(dilation, "dilation", 1)
     channels = input.shape[-3]
     if weight.shape[0] != channels or channels % groups:
-        raise ValueError(f"weight must have shape (in_channels={channels}, out_channels/groups, kH, kW) with in_channels "
-                         f"divisible by groups={groups}, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape (in_channels={channels}, out_channels/groups, kH, kW) with in_channels "
+            f"divisible by groups={groups}, got {tuple(weight.shape)}"
+        )
     if bias is not None and bias.shape[0] != weight.shape[1] * groups:
         raise ValueError(f"bias must have {weight.shape[1] * groups} elements, got {bias.shape[0]}")
     for i in range(2):
         if out_pad_p[i] >= max(stride_p[i], dil_p[i]):
-            raise ValueError(f"output_padding must be smaller than stride or dilation, got {output_padding!r}")
-        size = conv_transpose_output_size(input.shape[-2 + i], weight.shape[2 + i], stride_p[i], pad_p[i],
-                                          out_pad_p[i], dil_p[i])
+            raise ValueError(
+                f"output_padding must be smaller than stride or dilation, got {output_padding!r}"
+            )
+        size = conv_transpose_output_size(
+            input.shape[-2 + i], weight.shape[2 + i], stride_p[i], pad_p[i], out_pad_p[i], dil_p[i]
+        )
         if size < 1:
             raise ValueError(f"padding {padding!r} leaves an empty output for input {tuple(input.shape)}")
     batched = input.dim() == 4
     x = input if batched else input.unsqueeze(0)
-    out = torch.ops.zfkernels.conv_transpose2d(x, weight, bias, list(stride_p), list(pad_p), list(out_pad_p), groups,
-                                               list(dil_p))
+    out = torch.ops.zfkernels.conv_transpose2d(
+        x, weight, bias, list(stride_p), list(pad_p), list(out_pad_p), groups, list(dil_p)
+    )
     return out if batched else out.squeeze(0)

@@ -7,11 +7,11 @@ are copied once here; dense GEMMs go to the vendor BLAS through torch.matmul.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .._extension import DTYPE_CODES, SWITCH_CODES, cpu_module, huge_page_empty
-from ._checks import Pair, check_no_invalid_switches
-from .reference import RULES  # noqa: F401  (same rule codes)
+from . import reference
+from ._checks import Pair, check_no_invalid_switches, pooled_size
+from .reference import RULES
 
 
 def _threads() -> int:
@@ -22,18 +22,28 @@ def _pool_args(in_size: Pair, out_size: Pair, kernel: Pair, stride: Pair, paddin
     return (*in_size, *out_size), (*kernel, *stride, *padding)
 
 
-def max_pool2d_switches(input, kernel: Pair, stride: Pair, padding: Pair, ceil_mode: bool, relu: bool, switch_dtype):
-    from ._checks import pooled_size
-
+def max_pool2d_switches(
+    input, kernel: Pair, stride: Pair, padding: Pair, ceil_mode: bool, relu: bool, switch_dtype
+):
     x = input.contiguous()
     n, c, h, w = x.shape
-    out_size = (pooled_size(h, kernel[0], stride[0], padding[0], ceil_mode),
-                pooled_size(w, kernel[1], stride[1], padding[1], ceil_mode))
+    out_size = (
+        pooled_size(h, kernel[0], stride[0], padding[0], ceil_mode),
+        pooled_size(w, kernel[1], stride[1], padding[1], ceil_mode),
+    )
     values = huge_page_empty((n, c, *out_size), x)
     switches = huge_page_empty((n, c, *out_size), x, dtype=switch_dtype)
-    cpu_module.max_pool2d_switches(x.data_ptr(), values.data_ptr(), switches.data_ptr(), DTYPE_CODES[x.dtype],
-                                   SWITCH_CODES[switch_dtype], n * c, *_pool_args((h, w), out_size, kernel, stride, padding),
-                                   relu, _threads())
+    cpu_module.max_pool2d_switches(
+        x.data_ptr(),
+        values.data_ptr(),
+        switches.data_ptr(),
+        DTYPE_CODES[x.dtype],
+        SWITCH_CODES[switch_dtype],
+        n * c,
+        *_pool_args((h, w), out_size, kernel, stride, padding),
+        relu,
+        _threads(),
+    )
     return values, switches
 
 
@@ -41,10 +51,17 @@ def max_unpool2d(values, switches, kernel: Pair, stride: Pair, padding: Pair, ou
     v, s = values.contiguous(), switches.contiguous()
     n, c = v.shape[:2]
     out = huge_page_empty((n, c, *output_size), v)
-    invalid = cpu_module.max_unpool2d(v.data_ptr(), s.data_ptr(), out.data_ptr(), DTYPE_CODES[v.dtype],
-                                      SWITCH_CODES[s.dtype], n * c,
-                                      *_pool_args(output_size, tuple(v.shape[-2:]), kernel, stride, padding), relu,
-                                      _threads())
+    invalid = cpu_module.max_unpool2d(
+        v.data_ptr(),
+        s.data_ptr(),
+        out.data_ptr(),
+        DTYPE_CODES[v.dtype],
+        SWITCH_CODES[s.dtype],
+        n * c,
+        *_pool_args(output_size, tuple(v.shape[-2:]), kernel, stride, padding),
+        relu,
+        _threads(),
+    )
     check_no_invalid_switches(invalid)
     return out
 
@@ -53,10 +70,16 @@ def gather_switches(source, switches, kernel: Pair, stride: Pair, padding: Pair)
     src, s = source.contiguous(), switches.contiguous()
     n, c = s.shape[:2]
     out = torch.empty(s.shape, dtype=src.dtype, device=src.device)
-    invalid = cpu_module.gather_switches(src.data_ptr(), s.data_ptr(), out.data_ptr(), DTYPE_CODES[src.dtype],
-                                         SWITCH_CODES[s.dtype], n * c,
-                                         *_pool_args(tuple(src.shape[-2:]), tuple(s.shape[-2:]), kernel, stride, padding),
-                                         _threads())
+    invalid = cpu_module.gather_switches(
+        src.data_ptr(),
+        s.data_ptr(),
+        out.data_ptr(),
+        DTYPE_CODES[src.dtype],
+        SWITCH_CODES[s.dtype],
+        n * c,
+        *_pool_args(tuple(src.shape[-2:]), tuple(s.shape[-2:]), kernel, stride, padding),
+        _threads(),
+    )
     check_no_invalid_switches(invalid)
     return out
 
@@ -79,8 +102,15 @@ def relu_backward(grad, output, rule: int):
     g = grad.contiguous()
     o = output.contiguous() if RULES[rule] != "deconvnet" else None
     out = huge_page_empty(g.shape, g)
-    cpu_module.relu_backward(g.data_ptr(), 0 if o is None else o.data_ptr(), out.data_ptr(), DTYPE_CODES[g.dtype],
-                             g.numel(), rule, _threads())
+    cpu_module.relu_backward(
+        g.data_ptr(),
+        0 if o is None else o.data_ptr(),
+        out.data_ptr(),
+        DTYPE_CODES[g.dtype],
+        g.numel(),
+        rule,
+        _threads(),
+    )
     return out
 
 
@@ -96,9 +126,13 @@ def _uses_gemm_col2im(weight, stride: Pair, dilation: Pair) -> bool:
     return stride != (1, 1) or out_per_group * kernel_area <= 256
 
 
-def conv_transpose2d(input, weight, bias, stride: Pair, padding: Pair, output_padding: Pair, groups: int, dilation: Pair):
+def conv_transpose2d(
+    input, weight, bias, stride: Pair, padding: Pair, output_padding: Pair, groups: int, dilation: Pair
+):
     if not _uses_gemm_col2im(weight, stride, dilation):
-        return F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+        return reference.conv_transpose2d(
+            input, weight, bias, stride, padding, output_padding, groups, dilation
+        )
     x = input.contiguous()
     n, c_in, h, w = x.shape
     _, out_per_group, k_h, k_w = weight.shape
@@ -119,25 +153,63 @@ def conv_transpose2d(input, weight, bias, stride: Pair, padding: Pair, output_pa
     for start in range(0, n, chunk):
         count = min(chunk, n - start)
         cols = columns[:count]
-        pixels_by_channel = x[start:start + count].view(count, groups, c_in // groups, h * w).transpose(-1, -2)
+        pixels_by_channel = (
+            x[start : start + count].view(count, groups, c_in // groups, h * w).transpose(-1, -2)
+        )
         torch.matmul(pixels_by_channel, weight_groups, out=cols)
-        cpu_module.col2im(cols.data_ptr(), 0 if b is None else b.data_ptr(), out[start].data_ptr(),
-                          DTYPE_CODES[x.dtype], count, c_out, groups, sizes, params, _threads())
+        cpu_module.col2im(
+            cols.data_ptr(),
+            0 if b is None else b.data_ptr(),
+            out[start].data_ptr(),
+            DTYPE_CODES[x.dtype],
+            count,
+            c_out,
+            groups,
+            sizes,
+            params,
+            _threads(),
+        )
     return out
 
 
-def unpool_conv_transpose2d(values, switches, weight, pool_kernel: Pair, pool_stride: Pair, pool_padding: Pair,
-                            unpool_size: Pair, stride: Pair, padding: Pair, output_padding: Pair, relu: bool):
+def unpool_conv_transpose2d(
+    values,
+    switches,
+    weight,
+    pool_kernel: Pair,
+    pool_stride: Pair,
+    pool_padding: Pair,
+    unpool_size: Pair,
+    stride: Pair,
+    padding: Pair,
+    output_padding: Pair,
+    relu: bool,
+):
     v, s, wt = values.contiguous(), switches.contiguous(), weight.contiguous()
     n, c_in = v.shape[:2]
     c_out, k_h, k_w = wt.shape[1:]
     out_h = (unpool_size[0] - 1) * stride[0] - 2 * padding[0] + k_h + output_padding[0]
     out_w = (unpool_size[1] - 1) * stride[1] - 2 * padding[1] + k_w + output_padding[1]
     out = huge_page_empty((n, c_out, out_h, out_w), v)
-    pool_sizes, pool_params = _pool_args(unpool_size, tuple(v.shape[-2:]), pool_kernel, pool_stride, pool_padding)
+    pool_sizes, pool_params = _pool_args(
+        unpool_size, tuple(v.shape[-2:]), pool_kernel, pool_stride, pool_padding
+    )
     invalid = cpu_module.unpool_conv_transpose2d(
-        v.data_ptr(), s.data_ptr(), wt.data_ptr(), out.data_ptr(), DTYPE_CODES[v.dtype], SWITCH_CODES[s.dtype], n, c_in,
-        c_out, pool_sizes, pool_params, (*unpool_size, out_h, out_w), (k_h, k_w, *stride, *padding, 1, 1), relu,
-        _threads())
+        v.data_ptr(),
+        s.data_ptr(),
+        wt.data_ptr(),
+        out.data_ptr(),
+        DTYPE_CODES[v.dtype],
+        SWITCH_CODES[s.dtype],
+        n,
+        c_in,
+        c_out,
+        pool_sizes,
+        pool_params,
+        (*unpool_size, out_h, out_w),
+        (k_h, k_w, *stride, *padding, 1, 1),
+        relu,
+        _threads(),
+    )
     check_no_invalid_switches(invalid)
     return out

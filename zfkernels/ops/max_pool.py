@@ -13,11 +13,13 @@ from .reference import switch_targets
 
 
 @torch.library.custom_op("zfkernels::max_pool2d_switches", mutates_args=())
-def _max_pool2d_switches_op(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
-                            ceil_mode: bool, relu: bool) -> tuple[Tensor, Tensor]:
+def _max_pool2d_switches_op(
+    input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], ceil_mode: bool, relu: bool
+) -> tuple[Tensor, Tensor]:
     kernel = (kernel_size[0], kernel_size[1])
     return implementation(input.device).max_pool2d_switches(
-        input, kernel, (stride[0], stride[1]), (padding[0], padding[1]), ceil_mode, relu, switch_dtype(kernel))
+        input, kernel, (stride[0], stride[1]), (padding[0], padding[1]), ceil_mode, relu, switch_dtype(kernel)
+    )
 
 
 @_max_pool2d_switches_op.register_fake
@@ -26,7 +28,9 @@ def _(input, kernel_size, stride, padding, ceil_mode, relu):
     out_h = pooled_size(h, kernel_size[0], stride[0], padding[0], ceil_mode)
     out_w = pooled_size(w, kernel_size[1], stride[1], padding[1], ceil_mode)
     kernel = (kernel_size[0], kernel_size[1])
-    return input.new_empty((n, c, out_h, out_w)), input.new_empty((n, c, out_h, out_w), dtype=switch_dtype(kernel))
+    return input.new_empty((n, c, out_h, out_w)), input.new_empty(
+        (n, c, out_h, out_w), dtype=switch_dtype(kernel)
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -43,7 +47,9 @@ def _backward(ctx, grad_values, _grad_switches):
     kernel_size, stride, padding, input_size = ctx.geometry
     if ctx.relu:  # ReLU's gradient at the winner; its pooled value is the rectified input there
         grad_values = torch.ops.zfkernels.relu_backward(grad_values, values, 0)
-    grad_input = torch.ops.zfkernels.max_unpool2d(grad_values, switches, kernel_size, stride, padding, input_size, False)
+    grad_input = torch.ops.zfkernels.max_unpool2d(
+        grad_values, switches, kernel_size, stride, padding, input_size, False
+    )
     return grad_input, None, None, None, None, None
 
 
@@ -73,8 +79,9 @@ def max_pool2d_switches(
     check_pool_fits((input.shape[-2], input.shape[-1]), kernel, pad)
     batched = input.dim() == 4
     x = input if batched else input.unsqueeze(0)
-    values, switches = torch.ops.zfkernels.max_pool2d_switches(x, list(kernel), list(stride_pair), list(pad),
-                                                               ceil_mode, bool(relu))
+    values, switches = torch.ops.zfkernels.max_pool2d_switches(
+        x, list(kernel), list(stride_pair), list(pad), ceil_mode, bool(relu)
+    )
     return (values, switches) if batched else (values.squeeze(0), switches.squeeze(0))
 
 
@@ -96,5 +103,7 @@ def switches_to_indices(
     kernel, stride_pair, pad = pool_params(kernel_size, stride, padding)
     flat, valid = switch_targets(switches, in_size, kernel, stride_pair, pad)
     if not torch.compiler.is_compiling() and not bool(valid.all()):
-        raise ValueError(f"switches has {int((~valid).sum())} entries outside their pooling window (or on padding)")
+        raise ValueError(
+            f"switches has {int((~valid).sum())} entries outside their pooling window (or on padding)"
+        )
     return flat

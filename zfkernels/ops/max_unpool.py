@@ -12,10 +12,18 @@ from ._checks import SWITCH_DTYPES, check_same_device, check_tensor, pair, pool_
 
 
 @torch.library.custom_op("zfkernels::max_unpool2d", mutates_args=())
-def _max_unpool2d_op(values: Tensor, switches: Tensor, kernel_size: list[int], stride: list[int],
-                     padding: list[int], output_size: list[int], relu: bool) -> Tensor:
-    return implementation(values.device).max_unpool2d(values, switches, tuple(kernel_size), tuple(stride),
-                                                      tuple(padding), tuple(output_size), relu)
+def _max_unpool2d_op(
+    values: Tensor,
+    switches: Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    output_size: list[int],
+    relu: bool,
+) -> Tensor:
+    return implementation(values.device).max_unpool2d(
+        values, switches, tuple(kernel_size), tuple(stride), tuple(padding), tuple(output_size), relu
+    )
 
 
 @_max_unpool2d_op.register_fake
@@ -33,17 +41,27 @@ def _unpool_backward(ctx, grad):
     switches, output = ctx.saved_tensors
     if output is not None:  # the fused ReLU after the sum
         grad = torch.ops.zfkernels.relu_backward(grad, output, 0)
-    return torch.ops.zfkernels.gather_switches(grad, switches, *ctx.geometry), None, None, None, None, None, None
+    return (
+        torch.ops.zfkernels.gather_switches(grad, switches, *ctx.geometry),
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 _max_unpool2d_op.register_autograd(_unpool_backward, setup_context=_unpool_setup)
 
 
 @torch.library.custom_op("zfkernels::gather_switches", mutates_args=())
-def _gather_switches_op(source: Tensor, switches: Tensor, kernel_size: list[int], stride: list[int],
-                        padding: list[int]) -> Tensor:
-    return implementation(source.device).gather_switches(source, switches, tuple(kernel_size), tuple(stride),
-                                                         tuple(padding))
+def _gather_switches_op(
+    source: Tensor, switches: Tensor, kernel_size: list[int], stride: list[int], padding: list[int]
+) -> Tensor:
+    return implementation(source.device).gather_switches(
+        source, switches, tuple(kernel_size), tuple(stride), tuple(padding)
+    )
 
 
 @_gather_switches_op.register_fake
@@ -60,7 +78,9 @@ def _gather_setup(ctx, inputs, output):
 def _gather_backward(ctx, grad):
     (switches,) = ctx.saved_tensors
     kernel_size, stride, padding, source_size = ctx.geometry
-    grad_source = torch.ops.zfkernels.max_unpool2d(grad, switches, kernel_size, stride, padding, source_size, False)
+    grad_source = torch.ops.zfkernels.max_unpool2d(
+        grad, switches, kernel_size, stride, padding, source_size, False
+    )
     return grad_source, None, None, None, None
 
 
@@ -70,7 +90,9 @@ _gather_switches_op.register_autograd(_gather_backward, setup_context=_gather_se
 def _check_switches(values: Tensor, switches: Tensor) -> None:
     check_tensor(switches, "switches", (3, 4), SWITCH_DTYPES)
     if switches.shape != values.shape:
-        raise ValueError(f"switches must have the shape of values {tuple(values.shape)}, got {tuple(switches.shape)}")
+        raise ValueError(
+            f"switches must have the shape of values {tuple(values.shape)}, got {tuple(switches.shape)}"
+        )
     check_same_device(values=values, switches=switches)
 
 
@@ -78,12 +100,17 @@ def unpool_output_size(pooled: tuple[int, int], kernel, stride, pad, output_size
     """Checked (H, W) of the unpooled map: `output_size` if given, else torch's default."""
     if output_size is None:
         return tuple((pooled[i] - 1) * stride[i] - 2 * pad[i] + kernel[i] for i in range(2))
-    size = pair(tuple(output_size)[-2:] if isinstance(output_size, (tuple, list, torch.Size)) else output_size,
-                "output_size", 1)
+    size = pair(
+        tuple(output_size)[-2:] if isinstance(output_size, (tuple, list, torch.Size)) else output_size,
+        "output_size",
+        1,
+    )
     for i in range(2):
         if pooled[i] not in (pooled_size(size[i], kernel[i], stride[i], pad[i], c) for c in (False, True)):
-            raise ValueError(f"output_size {size} does not pool to the values' size {pooled} with kernel_size={kernel}, "
-                             f"stride={stride}, padding={pad}")
+            raise ValueError(
+                f"output_size {size} does not pool to the values' size {pooled} with kernel_size={kernel}, "
+                f"stride={stride}, padding={pad}"
+            )
     return size
 
 
@@ -110,7 +137,9 @@ def max_unpool2d(
     size = unpool_output_size((values.shape[-2], values.shape[-1]), kernel, stride_pair, pad, output_size)
     batched = values.dim() == 4
     v, s = (values, switches) if batched else (values.unsqueeze(0), switches.unsqueeze(0))
-    out = torch.ops.zfkernels.max_unpool2d(v, s, list(kernel), list(stride_pair), list(pad), list(size), bool(relu))
+    out = torch.ops.zfkernels.max_unpool2d(
+        v, s, list(kernel), list(stride_pair), list(pad), list(size), bool(relu)
+    )
     return out if batched else out.squeeze(0)
 
 
@@ -126,10 +155,14 @@ def gather_switches(
     check_tensor(switches, "switches", (source.dim(),), SWITCH_DTYPES)
     check_same_device(source=source, switches=switches)
     if switches.shape[:-2] != source.shape[:-2]:
-        raise ValueError(f"switches must match source in its leading dimensions {tuple(source.shape[:-2])}, "
-                         f"got {tuple(switches.shape)}")
+        raise ValueError(
+            f"switches must match source in its leading dimensions {tuple(source.shape[:-2])}, "
+            f"got {tuple(switches.shape)}"
+        )
     kernel, stride_pair, pad = pool_params(kernel_size, stride, padding)
-    unpool_output_size((switches.shape[-2], switches.shape[-1]), kernel, stride_pair, pad, tuple(source.shape[-2:]))
+    unpool_output_size(
+        (switches.shape[-2], switches.shape[-1]), kernel, stride_pair, pad, tuple(source.shape[-2:])
+    )
     batched = source.dim() == 4
     src, s = (source, switches) if batched else (source.unsqueeze(0), switches.unsqueeze(0))
     out = torch.ops.zfkernels.gather_switches(src, s, list(kernel), list(stride_pair), list(pad))

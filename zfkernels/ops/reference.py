@@ -45,7 +45,9 @@ def _checked_targets(switches, in_size, kernel, stride, padding) -> torch.Tensor
     return flat
 
 
-def max_pool2d_switches(input, kernel: Pair, stride: Pair, padding: Pair, ceil_mode: bool, relu: bool, switch_dtype):
+def max_pool2d_switches(
+    input, kernel: Pair, stride: Pair, padding: Pair, ceil_mode: bool, relu: bool, switch_dtype
+):
     source = torch.relu(input) if relu else input
     values, indices = F.max_pool2d(source, kernel, stride, padding, ceil_mode=ceil_mode, return_indices=True)
     out_h, out_w = values.shape[-2:]
@@ -60,7 +62,9 @@ def max_pool2d_switches(input, kernel: Pair, stride: Pair, padding: Pair, ceil_m
 def max_unpool2d(values, switches, kernel: Pair, stride: Pair, padding: Pair, output_size: Pair, relu: bool):
     flat = _checked_targets(switches, output_size, kernel, stride, padding)
     n, c = values.shape[:2]
-    acc = torch.zeros(n, c, output_size[0] * output_size[1], dtype=_accumulate_dtype(values.dtype), device=values.device)
+    acc = torch.zeros(
+        n, c, output_size[0] * output_size[1], dtype=_accumulate_dtype(values.dtype), device=values.device
+    )
     # scatter_add_ adds in row-major order of the pooled map, the order every backend sums in.
     acc.scatter_add_(2, flat.reshape(n, c, -1), values.reshape(n, c, -1).to(acc.dtype))
     if relu:
@@ -75,7 +79,7 @@ def gather_switches(source, switches, kernel: Pair, stride: Pair, padding: Pair)
 
 
 def relu(input):
-    return torch.relu(input)
+    return torch.relu(input).contiguous()  # every backend returns contiguous outputs (the fake does too)
 
 
 def relu_(input):
@@ -85,16 +89,33 @@ def relu_(input):
 def relu_backward(grad, output, rule: int):
     zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
     if RULES[rule] == "deconvnet":
-        return torch.where(grad < 0, zero, grad)
-    passed = torch.where(output <= 0, zero, grad)  # threshold_backward: a NaN output lets the gradient through
-    return passed if RULES[rule] == "standard" else torch.where(passed < 0, zero, passed)
+        return torch.where(grad < 0, zero, grad).contiguous()
+    passed = torch.where(
+        output <= 0, zero, grad
+    )  # threshold_backward: a NaN output lets the gradient through
+    return (passed if RULES[rule] == "standard" else torch.where(passed < 0, zero, passed)).contiguous()
 
 
-def conv_transpose2d(input, weight, bias, stride: Pair, padding: Pair, output_padding: Pair, groups: int, dilation: Pair):
-    return F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+def conv_transpose2d(
+    input, weight, bias, stride: Pair, padding: Pair, output_padding: Pair, groups: int, dilation: Pair
+):
+    return F.conv_transpose2d(
+        input, weight, bias, stride, padding, output_padding, groups, dilation
+    ).contiguous()
 
 
-def unpool_conv_transpose2d(values, switches, weight, pool_kernel: Pair, pool_stride: Pair, pool_padding: Pair,
-                            unpool_size: Pair, stride: Pair, padding: Pair, output_padding: Pair, relu: bool):
+def unpool_conv_transpose2d(
+    values,
+    switches,
+    weight,
+    pool_kernel: Pair,
+    pool_stride: Pair,
+    pool_padding: Pair,
+    unpool_size: Pair,
+    stride: Pair,
+    padding: Pair,
+    output_padding: Pair,
+    relu: bool,
+):
     unpooled = max_unpool2d(values, switches, pool_kernel, pool_stride, pool_padding, unpool_size, relu)
-    return F.conv_transpose2d(unpooled, weight, None, stride, padding, output_padding)
+    return F.conv_transpose2d(unpooled, weight, None, stride, padding, output_padding).contiguous()

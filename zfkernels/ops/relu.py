@@ -80,7 +80,9 @@ def relu(input: Tensor, inplace: bool = False, *, backward: str = "standard") ->
     if not inplace:
         return torch.ops.zfkernels.relu(input, rule)
     if torch.is_grad_enabled() and input.requires_grad:
-        return input.copy_(torch.ops.zfkernels.relu(input, rule))  # autograd records the copy like any in-place op
+        return input.copy_(
+            torch.ops.zfkernels.relu(input, rule)
+        )  # autograd records the copy like any in-place op
     torch.ops.zfkernels.relu_(input)
     return input
 
@@ -90,7 +92,9 @@ def relu_backward(grad: Tensor, output: Tensor, backward: str = "standard") -> T
     check_tensor(grad, "grad", tuple(range(0, 9)))
     check_tensor(output, "output", tuple(range(0, 9)))
     if grad.shape != output.shape or grad.dtype != output.dtype:
-        raise ValueError(f"output must match grad's shape and dtype {tuple(grad.shape)}/{grad.dtype}, "
-                         f"got {tuple(output.shape)}/{output.dtype}")
+        raise ValueError(
+            f"output must match grad's shape and dtype {tuple(grad.shape)}/{grad.dtype}, "
+            f"got {tuple(output.shape)}/{output.dtype}"
+        )
     check_same_device(grad=grad, output=output)
     return torch.ops.zfkernels.relu_backward(grad, output, _rule_code(backward))

@@ -14,25 +14,71 @@ from .max_unpool import _check_switches, unpool_output_size
 
 
 @torch.library.custom_op("zfkernels::unpool_conv_transpose2d", mutates_args=())
-def _unpool_conv_transpose2d_op(values: Tensor, switches: Tensor, weight: Tensor, pool_kernel_size: list[int],
-                                pool_stride: list[int], pool_padding: list[int], unpool_size: list[int],
-                                stride: list[int], padding: list[int], output_padding: list[int],
-                                relu: bool) -> Tensor:
+def _unpool_conv_transpose2d_op(
+    values: Tensor,
+    switches: Tensor,
+    weight: Tensor,
+    pool_kernel_size: list[int],
+    pool_stride: list[int],
+    pool_padding: list[int],
+    unpool_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    output_padding: list[int],
+    relu: bool,
+) -> Tensor:
     return implementation(values.device).unpool_conv_transpose2d(
-        values, switches, weight, tuple(pool_kernel_size), tuple(pool_stride), tuple(pool_padding),
-        tuple(unpool_size), tuple(stride), tuple(padding), tuple(output_padding), relu)
+        values,
+        switches,
+        weight,
+        tuple(pool_kernel_size),
+        tuple(pool_stride),
+        tuple(pool_padding),
+        tuple(unpool_size),
+        tuple(stride),
+        tuple(padding),
+        tuple(output_padding),
+        relu,
+    )
 
 
 @_unpool_conv_transpose2d_op.register_fake
-def _(values, switches, weight, pool_kernel_size, pool_stride, pool_padding, unpool_size, stride, padding,
-      output_padding, relu):
-    sizes = [conv_transpose_output_size(unpool_size[i], weight.shape[2 + i], stride[i], padding[i], output_padding[i], 1)
-             for i in range(2)]
+def _(
+    values,
+    switches,
+    weight,
+    pool_kernel_size,
+    pool_stride,
+    pool_padding,
+    unpool_size,
+    stride,
+    padding,
+    output_padding,
+    relu,
+):
+    sizes = [
+        conv_transpose_output_size(
+            unpool_size[i], weight.shape[2 + i], stride[i], padding[i], output_padding[i], 1
+        )
+        for i in range(2)
+    ]
     return values.new_empty((values.shape[0], weight.shape[1], *sizes))
 
 
 def _setup(ctx, inputs, output):
-    values, switches, weight, pool_kernel, pool_stride, pool_padding, unpool_size, stride, padding, out_pad, relu = inputs
+    (
+        values,
+        switches,
+        weight,
+        pool_kernel,
+        pool_stride,
+        pool_padding,
+        unpool_size,
+        stride,
+        padding,
+        out_pad,
+        relu,
+    ) = inputs
     ctx.save_for_backward(values, switches, weight)
     ctx.params = (pool_kernel, pool_stride, pool_padding, unpool_size, stride, padding, out_pad, relu)
 
@@ -41,16 +87,29 @@ def _backward(ctx, grad):
     # The forward never built the unpooled map; the weight gradient needs it, so it is rebuilt here.
     values, switches, weight = ctx.saved_tensors
     pool_kernel, pool_stride, pool_padding, unpool_size, stride, padding, out_pad, relu = ctx.params
-    unpooled = torch.ops.zfkernels.max_unpool2d(values, switches, pool_kernel, pool_stride, pool_padding, unpool_size,
-                                                relu)
+    unpooled = torch.ops.zfkernels.max_unpool2d(
+        values, switches, pool_kernel, pool_stride, pool_padding, unpool_size, relu
+    )
     grad_unpooled, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad, unpooled, weight, None, stride, padding, [1, 1], True, out_pad, 1,
-        [ctx.needs_input_grad[0], ctx.needs_input_grad[2], False])
+        grad,
+        unpooled,
+        weight,
+        None,
+        stride,
+        padding,
+        [1, 1],
+        True,
+        out_pad,
+        1,
+        [ctx.needs_input_grad[0], ctx.needs_input_grad[2], False],
+    )
     grad_values = None
     if grad_unpooled is not None:
         if relu:
             grad_unpooled = torch.ops.zfkernels.relu_backward(grad_unpooled, unpooled, 0)
-        grad_values = torch.ops.zfkernels.gather_switches(grad_unpooled, switches, pool_kernel, pool_stride, pool_padding)
+        grad_values = torch.ops.zfkernels.gather_switches(
+            grad_unpooled, switches, pool_kernel, pool_stride, pool_padding
+        )
     return grad_values, None, grad_weight, None, None, None, None, None, None, None, None
 
 
@@ -84,20 +143,40 @@ def unpool_conv_transpose2d(
         raise TypeError(f"weight must have values' dtype {values.dtype}, got {weight.dtype}")
     check_same_device(values=values, switches=switches, weight=weight)
     if weight.shape[0] != values.shape[-3]:
-        raise ValueError(f"weight must have shape (in_channels={values.shape[-3]}, out_channels, kH, kW), "
-                         f"got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape (in_channels={values.shape[-3]}, out_channels, kH, kW), "
+            f"got {tuple(weight.shape)}"
+        )
     kernel, stride_pool, pad_pool = pool_params(pool_kernel_size, pool_stride, pool_padding)
-    size = unpool_output_size((values.shape[-2], values.shape[-1]), kernel, stride_pool, pad_pool, unpool_size)
-    stride_p, pad_p, out_pad_p = pair(stride, "stride", 1), pair(padding, "padding", 0), pair(output_padding,
-                                                                                             "output_padding", 0)
+    size = unpool_output_size(
+        (values.shape[-2], values.shape[-1]), kernel, stride_pool, pad_pool, unpool_size
+    )
+    stride_p, pad_p, out_pad_p = (
+        pair(stride, "stride", 1),
+        pair(padding, "padding", 0),
+        pair(output_padding, "output_padding", 0),
+    )
     for i in range(2):
         if out_pad_p[i] >= stride_p[i]:
             raise ValueError(f"output_padding must be smaller than stride, got {output_padding!r}")
-        if conv_transpose_output_size(size[i], weight.shape[2 + i], stride_p[i], pad_p[i], out_pad_p[i], 1) < 1:
+        if (
+            conv_transpose_output_size(size[i], weight.shape[2 + i], stride_p[i], pad_p[i], out_pad_p[i], 1)
+            < 1
+        ):
             raise ValueError(f"padding {padding!r} leaves an empty output for unpool_size {size}")
     batched = values.dim() == 4
     v, s = (values, switches) if batched else (values.unsqueeze(0), switches.unsqueeze(0))
-    out = torch.ops.zfkernels.unpool_conv_transpose2d(v, s, weight, list(kernel), list(stride_pool), list(pad_pool),
-                                                      list(size), list(stride_p), list(pad_p), list(out_pad_p),
-                                                      bool(relu))
+    out = torch.ops.zfkernels.unpool_conv_transpose2d(
+        v,
+        s,
+        weight,
+        list(kernel),
+        list(stride_pool),
+        list(pad_pool),
+        list(size),
+        list(stride_p),
+        list(pad_p),
+        list(out_pad_p),
+        bool(relu),
+    )
     return out if batched else out.squeeze(0)
