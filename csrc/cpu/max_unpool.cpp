@@ -1,6 +1,5 @@
 // CPU launchers: max-unpool with switches (scatter-add per plane) and its adjoint, the switch gather.
 #include <algorithm>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -18,23 +17,15 @@ ZFK_VECTORIZED void relu_plane(T* data, int64_t n) {
   for (int64_t i = 0; i < n; ++i) data[i] = zfk::relu(data[i]);
 }
 
-// One plane: zero it, add each value at its switch target in row-major window order (the same
-// order as kernels/max_unpool.h's gather, so both give identical sums), then rectify the plane while
-// it is still in cache. Half types accumulate in a float plane and round once. Returns the invalid
-// switches seen (skipped).
+// One plane: zero a cache-resident accumulator, add each value at its switch target in row-major
+// window order (the order kernels/max_unpool.h's gather sums in, so both agree bit for bit), rectify,
+// then stream the plane out (half types round once here). Returns the invalid switches seen (skipped).
 template <typename T, typename S>
 int64_t unpool_plane(const T* values, const S* switches, const PoolGeometry& g, const SwitchDecoder<S>& decoder,
-                     bool relu, T* out, std::vector<float>& scratch) {
+                     bool relu, T* out, std::vector<compute_t<T>>& acc) {
   using C = compute_t<T>;
   const int64_t in_plane = g.in_h * g.in_w;
-  C* acc;
-  if constexpr (std::is_same_v<C, T>) {
-    acc = out;
-  } else {
-    scratch.resize(in_plane);
-    acc = scratch.data();
-  }
-  std::memset(static_cast<void*>(acc), 0, sizeof(C) * in_plane);
+  std::fill(acc.begin(), acc.end(), C(0));
   int64_t invalid = 0;
   decoder.for_each_target(switches, [&](int64_t p, int64_t t) {
     if (t < 0) {
@@ -43,10 +34,11 @@ int64_t unpool_plane(const T* values, const S* switches, const PoolGeometry& g, 
       acc[t] += load(values + p);
     }
   });
+  if (relu) relu_plane(acc.data(), in_plane);
   if constexpr (std::is_same_v<C, T>) {
-    if (relu) relu_plane(acc, in_plane);
+    stream_copy(out, acc.data(), in_plane);
   } else {
-    for (int64_t i = 0; i < in_plane; ++i) store(out + i, relu ? zfk::relu(acc[i]) : acc[i]);
+    for (int64_t i = 0; i < in_plane; ++i) store(out + i, acc[i]);
   }
   return invalid;
 }
@@ -63,12 +55,13 @@ int64_t max_unpool2d(const void* values, const void* switches, void* output, DTy
       const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
       const SwitchDecoder<S> decoder(g);
       parallel_for(planes, num_threads, in_plane, [&](int64_t begin, int64_t end) {
-        std::vector<float> scratch;
+        std::vector<compute_t<T>> acc(in_plane);
         for (int64_t p = begin; p < end; ++p) {
           invalid_per_plane[p] =
               unpool_plane(static_cast<const T*>(values) + p * out_plane, static_cast<const S*>(switches) + p * out_plane,
-                           g, decoder, relu, static_cast<T*>(output) + p * in_plane, scratch);
+                           g, decoder, relu, static_cast<T*>(output) + p * in_plane, acc);
         }
+        stream_fence();
       });
     });
   });

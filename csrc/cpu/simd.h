@@ -4,6 +4,9 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define ZFK_VECTORIZED __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -37,6 +40,34 @@ __attribute__((always_inline)) inline V load_vec(const T* p) {
 template <typename V, typename T>
 __attribute__((always_inline)) inline void store_vec(T* p, V v) {
   std::memcpy(p, &v, sizeof(V));
+}
+
+// Copies n elements to memory that will not be read again soon, bypassing the cache where the CPU can
+// (x86 non-temporal stores): a destination line then needs no read-for-ownership, which saves a third
+// of the traffic of writing a large output. Callers end their writes with stream_fence().
+template <typename T>
+inline void stream_copy(T* dst, const T* src, int64_t n) {
+#if defined(__x86_64__)
+  if constexpr (sizeof(T) == 4 || sizeof(T) == 8) {
+    int64_t i = 0;
+    for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) dst[i] = src[i];
+    constexpr int64_t kPerVector = 16 / sizeof(T);
+    for (; i + kPerVector <= n; i += kPerVector) {
+      __m128i v;
+      std::memcpy(&v, src + i, 16);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), v);
+    }
+    for (; i < n; ++i) dst[i] = src[i];
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n * sizeof(T));
+}
+
+inline void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace zfk::cpu

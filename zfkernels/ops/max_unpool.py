@@ -96,19 +96,21 @@ def _check_switches(values: Tensor, switches: Tensor) -> None:
     check_same_device(values=values, switches=switches)
 
 
-def unpool_output_size(pooled: tuple[int, int], kernel, stride, pad, output_size) -> tuple[int, int]:
-    """Checked (H, W) of the unpooled map: `output_size` if given, else torch's default."""
+def unpool_output_size(
+    pooled: tuple[int, int], kernel, stride, pad, output_size, name: str = "output_size"
+) -> tuple[int, int]:
+    """Checked (H, W) of the unpooled map: `output_size` if given (`name` in errors), else torch's default."""
     if output_size is None:
         return tuple((pooled[i] - 1) * stride[i] - 2 * pad[i] + kernel[i] for i in range(2))
     size = pair(
         tuple(output_size)[-2:] if isinstance(output_size, (tuple, list, torch.Size)) else output_size,
-        "output_size",
+        name,
         1,
     )
     for i in range(2):
         if pooled[i] not in (pooled_size(size[i], kernel[i], stride[i], pad[i], c) for c in (False, True)):
             raise ValueError(
-                f"output_size {size} does not pool to the values' size {pooled} with kernel_size={kernel}, "
+                f"{name} {size} does not pool to the pooled size {pooled} with kernel_size={kernel}, "
                 f"stride={stride}, padding={pad}"
             )
     return size
@@ -160,9 +162,8 @@ def gather_switches(
             f"got {tuple(switches.shape)}"
         )
     kernel, stride_pair, pad = pool_params(kernel_size, stride, padding)
-    unpool_output_size(
-        (switches.shape[-2], switches.shape[-1]), kernel, stride_pair, pad, tuple(source.shape[-2:])
-    )
+    pooled = (switches.shape[-2], switches.shape[-1])
+    unpool_output_size(pooled, kernel, stride_pair, pad, tuple(source.shape[-2:]), "source")
     batched = source.dim() == 4
     src, s = (source, switches) if batched else (source.unsqueeze(0), switches.unsqueeze(0))
     out = torch.ops.zfkernels.gather_switches(src, s, list(kernel), list(stride_pair), list(pad))

@@ -66,7 +66,7 @@ def max_unpool2d(values, switches, kernel: Pair, stride: Pair, padding: Pair, ou
         n, c, output_size[0] * output_size[1], dtype=_accumulate_dtype(values.dtype), device=values.device
     )
     # scatter_add_ adds in row-major order of the pooled map, the order every backend sums in.
-    acc.scatter_add_(2, flat.reshape(n, c, -1), values.reshape(n, c, -1).to(acc.dtype))
+    acc.scatter_add_(2, flat.flatten(2), values.flatten(2).to(acc.dtype))
     if relu:
         acc = torch.relu(acc)
     return acc.to(values.dtype).view(n, c, *output_size)
@@ -74,8 +74,7 @@ def max_unpool2d(values, switches, kernel: Pair, stride: Pair, padding: Pair, ou
 
 def gather_switches(source, switches, kernel: Pair, stride: Pair, padding: Pair):
     flat = _checked_targets(switches, tuple(source.shape[-2:]), kernel, stride, padding)
-    n, c = source.shape[:2]
-    return source.reshape(n, c, -1).gather(2, flat.reshape(n, c, -1)).view(switches.shape)
+    return source.flatten(2).gather(2, flat.flatten(2)).view(switches.shape)
 
 
 def relu(input):

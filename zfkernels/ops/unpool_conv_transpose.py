@@ -148,9 +148,8 @@ def unpool_conv_transpose2d(
             f"got {tuple(weight.shape)}"
         )
     kernel, stride_pool, pad_pool = pool_params(pool_kernel_size, pool_stride, pool_padding)
-    size = unpool_output_size(
-        (values.shape[-2], values.shape[-1]), kernel, stride_pool, pad_pool, unpool_size
-    )
+    pooled = (values.shape[-2], values.shape[-1])
+    size = unpool_output_size(pooled, kernel, stride_pool, pad_pool, unpool_size, "unpool_size")
     stride_p, pad_p, out_pad_p = (
         pair(stride, "stride", 1),
         pair(padding, "padding", 0),
