@@ -11,14 +11,19 @@
 namespace zfk::cpu {
 namespace {
 
-// Lanes row[0], row[s], ..., row[(L-1)s] for a compile-time stride s. A full load reads L*s elements;
-// a partial one reads only the first n lanes (the rest are -inf), so the row's end is never passed.
-template <int kStride, bool kPartial, typename T>
+// Loads for one vector of L adjacent windows: lanes row[0], row[s], ..., row[(L-1)s], for a
+// compile-time stride s of 1 or 2. kLoad picks how, so no load passes the last element needed:
+//   Partial: only the first n lanes (the rest are -inf), one element at a time;
+//   Forward: L * s elements from row[0] (one element past the last lane when s = 2);
+//   Back:    for s = 2, 2L elements from row[-1], keeping the odd ones (needs row[-1] to exist).
+enum class Load { Partial, Forward, Back };
+
+template <int kStride, Load kLoad, typename T>
 __attribute__((always_inline)) inline typename Simd<T>::Vec strided_lanes(const T* row, int n) {
   using V = typename Simd<T>::Vec;
   using I = typename Simd<T>::Int;
   constexpr int L = Simd<T>::kLanes;
-  if constexpr (kPartial) {
+  if constexpr (kLoad == Load::Partial) {
     V v = V{} - __builtin_huge_val();
     for (int j = 0; j < n; ++j) v[j] = row[j * kStride];
     return v;
@@ -26,40 +31,48 @@ __attribute__((always_inline)) inline typename Simd<T>::Vec strided_lanes(const 
     return load_vec<V>(row);
   } else {
     static_assert(kStride == 2, "vectorized strides are 1 and 2");
-    I evens;
-    for (int j = 0; j < L; ++j) evens[j] = 2 * j;
-    return __builtin_shuffle(load_vec<V>(row), load_vec<V>(row + L), evens);
+    constexpr int kFirst = kLoad == Load::Back ? 1 : 0;
+    const T* from = row - kFirst;
+    I pick;
+    for (int j = 0; j < L; ++j) pick[j] = 2 * j + kFirst;
+    return __builtin_shuffle(load_vec<V>(from), load_vec<V>(from + L), pick);
   }
 }
 
-// kBlocks * L adjacent windows of one output row (or n < L of them when kPartial), whose columns lie
-// inside the plane and whose rows are clipped alike to [kh_begin, kh_end); `first_row` points at row
-// kh_begin of the first window. Same scan order, initial switch and NaN rule as max_pool_window; the
-// ReLU keeps -0.0 and NaN. Several blocks run interleaved: each block's compare-and-select chain is
-// serial, so independent chains keep the vector units busy.
-template <int kStride, bool kRelu, bool kPartial, int kBlocks, typename T, typename S>
+// kBlocks * L adjacent windows of one output row (n < L of them when kLoad is Partial), whose columns
+// lie inside the plane and whose rows are clipped alike to [kh_begin, kh_end); `first_row` points at
+// row kh_begin of the first window. Same result as max_pool_window: the first element is taken
+// unconditionally (it beats the initial -inf or is -inf itself), then take when v > best or v is NaN.
+// With the ReLU fused only the first element needs rectifying: once best >= 0 (or NaN), a negative
+// input loses exactly as its rectified zero would. Block 0 may load Forward (at the row start) while
+// the others load Back. Independent blocks interleave so their serial select chains overlap.
+template <int kStride, Load kLoad, Load kFirstLoad, bool kRelu, int kBlocks, typename T, typename S>
 ZFK_VECTORIZED void window_block(const T* first_row, const PoolGeometry& g, int64_t kh_begin, int64_t kh_end, int n,
                                  T* values, S* switches) {
   using V = typename Simd<T>::Vec;
   using I = typename Simd<T>::Int;
   using Lane = typename Simd<T>::Lane;
   constexpr int L = Simd<T>::kLanes;
-  static_assert(!kPartial || kBlocks == 1, "a partial block stands alone");
+  static_assert(kLoad != Load::Partial || kBlocks == 1, "a partial block stands alone");
+  const auto lanes = [&](const T* row, int b) {
+    return b == 0 ? strided_lanes<kStride, kFirstLoad>(row, n) : strided_lanes<kStride, kLoad>(row + b * L * kStride, n);
+  };
   V best[kBlocks];
   I offset[kBlocks];
+  const V zero = V{};
+#pragma GCC unroll 4
   for (int b = 0; b < kBlocks; ++b) {
-    best[b] = V{} - __builtin_huge_val();
+    best[b] = lanes(first_row, b);
+    if (kRelu) best[b] = best[b] < zero ? zero : best[b];
     offset[b] = I{} + Lane(kh_begin * g.kernel_w);
   }
-  const V zero = V{};
   for (int64_t kh = kh_begin; kh < kh_end; ++kh) {
     const T* row = first_row + (kh - kh_begin) * g.in_w;
-    for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+    for (int64_t kw = (kh == kh_begin ? 1 : 0); kw < g.kernel_w; ++kw) {
       const I here = I{} + Lane(kh * g.kernel_w + kw);
 #pragma GCC unroll 4
       for (int b = 0; b < kBlocks; ++b) {
-        V v = strided_lanes<kStride, kPartial>(row + kw + b * L * kStride, n);
-        if (kRelu) v = v < zero ? zero : v;
+        const V v = lanes(row + kw, b);
         const I take = (v > best[b]) | (v != v);
         best[b] = take ? v : best[b];
         offset[b] = take ? here : offset[b];
@@ -67,47 +80,62 @@ ZFK_VECTORIZED void window_block(const T* first_row, const PoolGeometry& g, int6
     }
   }
   for (int b = 0; b < kBlocks; ++b) {
-    if constexpr (kPartial) {
+    if constexpr (kLoad == Load::Partial) {
       for (int j = 0; j < n; ++j) values[j] = best[b][j];
     } else {
       store_vec(values + b * L, best[b]);
     }
-    for (int j = 0; j < (kPartial ? n : L); ++j) switches[b * L + j] = S(offset[b][j]);
+    for (int j = 0; j < (kLoad == Load::Partial ? n : L); ++j) switches[b * L + j] = S(offset[b][j]);
   }
 }
 
 template <int kStride, bool kRelu, typename T, typename S>
 void pool_plane_vectorized(const T* plane, const PoolGeometry& g, T* values, S* switches) {
   constexpr int L = Simd<T>::kLanes;
-  // Columns [ow_lo, ow_hi) have windows inside the plane's width. Full blocks also need their vector
-  // loads (L * stride elements from each window column) to end inside the row; a partial block
-  // covers what is left, and the clipped border columns take the element path.
+  // Columns [ow_lo, ow_hi) have windows inside the plane's width; they go in groups of kBlocks vectors,
+  // the last group shifted left to end at ow_hi (recomputing a few windows is cheaper than a ragged
+  // tail). Clipped border columns take the element path.
   const int64_t ow_lo = std::min(g.out_w, (g.pad_w + kStride - 1) / kStride);
   const int64_t ow_hi = std::max(ow_lo, std::min(g.out_w, (g.in_w + g.pad_w - g.kernel_w) / kStride + 1));
-  const int64_t last_read = g.kernel_w - 1 + int64_t(L) * kStride - 1;  // relative to the window origin
+  const int64_t span = ow_hi - ow_lo;
+  const int blocks = span >= 4 * L ? 4 : 1;
+  // A group starting at input column 0 loads its first block Forward, which reads one element past
+  // that block's last window column when s = 2: allowed only if the row still has it.
+  const bool forward_fits = kStride == 1 || (blocks * L - 1) * kStride + g.kernel_w < g.in_w;
+  const bool grouped = span >= L && forward_fits;
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
     T* value_row = values + oh * g.out_w;
     S* switch_row = switches + oh * g.out_w;
     const int64_t h0 = oh * g.stride_h - g.pad_h;
     const int64_t kh_begin = std::max<int64_t>(0, -h0), kh_end = std::min(g.kernel_h, g.in_h - h0);
     const T* first_row = plane + (h0 + kh_begin) * g.in_w - g.pad_w;
-    int64_t ow = 0;
-    for (; ow < ow_lo; ++ow) max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);
-    constexpr int kWide = 4;  // blocks per interleaved group
-    for (; ow + kWide * L <= ow_hi && (ow + (kWide - 1) * L) * kStride - g.pad_w + last_read < g.in_w; ow += kWide * L) {
-      window_block<kStride, kRelu, false, kWide>(first_row + ow * kStride, g, kh_begin, kh_end, L, value_row + ow,
-                                                 switch_row + ow);
+    for (int64_t ow = 0; ow < ow_lo; ++ow) max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);
+    if (grouped) {
+      for (int64_t ow = ow_lo;; ow += blocks * L) {
+        const int64_t start = std::min(ow, ow_hi - blocks * L);
+        const bool at_row_start = start * kStride - g.pad_w == 0;
+        const T* origin = first_row + start * kStride;
+        if (blocks == 4) {
+          at_row_start ? window_block<kStride, Load::Back, Load::Forward, kRelu, 4>(origin, g, kh_begin, kh_end, L,
+                                                                                     value_row + start, switch_row + start)
+                       : window_block<kStride, Load::Back, Load::Back, kRelu, 4>(origin, g, kh_begin, kh_end, L,
+                                                                                  value_row + start, switch_row + start);
+        } else {
+          at_row_start ? window_block<kStride, Load::Back, Load::Forward, kRelu, 1>(origin, g, kh_begin, kh_end, L,
+                                                                                     value_row + start, switch_row + start)
+                       : window_block<kStride, Load::Back, Load::Back, kRelu, 1>(origin, g, kh_begin, kh_end, L,
+                                                                                  value_row + start, switch_row + start);
+        }
+        if (start + blocks * L >= ow_hi) break;
+      }
+    } else if (span > 0) {
+      for (int64_t ow = ow_lo; ow < ow_hi; ow += L) {
+        window_block<kStride, Load::Partial, Load::Partial, kRelu, 1>(first_row + ow * kStride, g, kh_begin, kh_end,
+                                                                      int(std::min<int64_t>(L, ow_hi - ow)),
+                                                                      value_row + ow, switch_row + ow);
+      }
     }
-    for (; ow + L <= ow_hi && ow * kStride - g.pad_w + last_read < g.in_w; ow += L) {
-      window_block<kStride, kRelu, false, 1>(first_row + ow * kStride, g, kh_begin, kh_end, L, value_row + ow,
-                                             switch_row + ow);
-    }
-    if (ow < ow_hi) {  // fewer than L columns are left
-      window_block<kStride, kRelu, true, 1>(first_row + ow * kStride, g, kh_begin, kh_end, int(ow_hi - ow),
-                                            value_row + ow, switch_row + ow);
-      ow = ow_hi;
-    }
-    for (; ow < g.out_w; ++ow) max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);
+    for (int64_t ow = ow_hi; ow < g.out_w; ++ow) max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);
   }
 }
 
