@@ -79,11 +79,12 @@ PYBIND11_MODULE(_C, m) {
                                   rule, threads);
         },
         release);
-  m.def("col2im",
-        [](Ptr cols, Ptr bias, Ptr output, int dtype, int64_t batch, int64_t channels, int64_t groups,
-           std::array<int64_t, 4> sizes, std::array<int64_t, 8> params, int threads) {
-          zfk::cpu::col2im(cptr(cols), bias ? cptr(bias) : nullptr, mptr(output), DType(dtype), batch, channels, groups,
-                           conv_geometry(sizes, params), threads);
+  m.def("conv_transpose2d_direct",
+        [](Ptr input, Ptr weight, Ptr bias, Ptr output, int dtype, int64_t batch, int64_t in_channels,
+           int64_t out_channels, std::array<int64_t, 4> sizes, std::array<int64_t, 8> params, int threads) {
+          return zfk::cpu::conv_transpose2d_direct(cptr(input), cptr(weight), bias ? cptr(bias) : nullptr, mptr(output),
+                                                   DType(dtype), batch, in_channels, out_channels,
+                                                   conv_geometry(sizes, params), threads);
         },
         release);
   m.def("unpool_conv_transpose2d",

@@ -12,7 +12,9 @@ from zfkernels.ops import _backend
 
 
 def test_info_lists_backends_and_versions():
-    text = subprocess.run([sys.executable, "-m", "zfkernels.info"], capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "zfkernels.info"], capture_output=True, text=True, check=True
+    ).stdout
     assert f"torch {torch.__version__}" in text
     for name in ("auto", "cpu", "reference"):
         assert f"  {name} " in text

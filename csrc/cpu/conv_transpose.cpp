@@ -1,53 +1,118 @@
-// CPU launcher: col2im for transposed convolution. The GEMM itself goes to the vendor BLAS through torch.mm.
+// CPU launcher: direct transposed convolution for few output channels. Wider ones go to oneDNN through torch.
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/ops.h"
 #include "cpu/parallel.h"
+#include "cpu/simd.h"
 
 namespace zfk::cpu {
 
-// Columns come from the GEMM input^T @ weight, laid out [image][group][in_h * in_w][channel in group][kh][kw]:
-// that orientation keeps the GEMM's long dimension (pixels) as its rows, where the BLAS is fastest. The
-// columns are then read in order, each pixel's row added into its output window (an image's output stays
-// in cache while its columns stream by), one thread per (image, group) so the sums are deterministic.
-void col2im(const void* cols, const void* bias, void* output, DType dtype, int64_t batch, int64_t channels,
-            int64_t groups, const ConvTransposeGeometry& g, int num_threads) {
-  dispatch_dtype(dtype, [&](auto t) {
-    using T = decltype(t);
-    using C = compute_t<T>;
-    const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
-    const int64_t taps = g.kernel_h * g.kernel_w, per_group = channels / groups;
-    const int64_t pixel_stride = per_group * taps;  // between adjacent input pixels in the columns
-    parallel_for(batch * groups, num_threads, in_plane * pixel_stride, [&](int64_t begin, int64_t end) {
-      std::vector<C> acc(per_group * out_plane);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t image = task / groups, group = task % groups;
-        for (int64_t j = 0; j < per_group; ++j) {
-          const C b = bias ? load(static_cast<const T*>(bias) + group * per_group + j) : C(0);
-          std::fill(acc.begin() + j * out_plane, acc.begin() + (j + 1) * out_plane, b);
-        }
-        const T* pixel = static_cast<const T*>(cols) + task * in_plane * pixel_stride;
-        for (int64_t iy = 0; iy < g.in_h; ++iy) {
-          for (int64_t ix = 0; ix < g.in_w; ++ix, pixel += pixel_stride) {
-            for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-              const int64_t oy = iy * g.stride_h - g.pad_h + kh * g.dilation_h;
-              if (oy < 0 || oy >= g.out_h) continue;
-              for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
-                const int64_t ox = ix * g.stride_w - g.pad_w + kw * g.dilation_w;
-                if (ox < 0 || ox >= g.out_w) continue;
-                C* target = acc.data() + oy * g.out_w + ox;
-                const T* source = pixel + kh * g.kernel_w + kw;
-                for (int64_t j = 0; j < per_group; ++j) target[j * out_plane] += load(source + j * taps);
+namespace {
+
+// Direct transposed convolution for few output channels (ZFNet's layer 1 projects 96 maps to 3), where
+// a GEMM is all overhead. Output column ox = stride * m + r only meets kernel columns kw = r + pad (mod
+// stride), each reading input column m + d(kw): so for one output row and residue r, a vector over m
+// reads contiguous input. Rows are copied with a zero halo so those loads need no bounds checks.
+template <int kOut, int kVecs, typename T>
+ZFK_VECTORIZED void direct_image(const T* input, const T* weights, const T* bias, T* output, int64_t in_channels,
+                                 const ConvTransposeGeometry& g, int64_t halo, int64_t padded_w, T* padded,
+                                 T* row_out) {
+  using V = typename Simd<T>::Vec;
+  constexpr int L = Simd<T>::kLanes, kChunk = kVecs * L;
+  for (int64_t c = 0; c < in_channels; ++c) {
+    for (int64_t y = 0; y < g.in_h; ++y) {
+      T* dst = padded + (c * g.in_h + y) * padded_w;
+      std::fill(dst, dst + padded_w, T(0));
+      std::copy(input + (c * g.in_h + y) * g.in_w, input + (c * g.in_h + y + 1) * g.in_w, dst + halo);
+    }
+  }
+  for (int64_t oy = 0; oy < g.out_h; ++oy) {
+    for (int64_t r = 0; r < g.stride_w && r < g.out_w; ++r) {
+      const int64_t columns = (g.out_w - r + g.stride_w - 1) / g.stride_w;  // ox = r, r + stride, ...
+      for (int64_t m0 = 0; m0 < columns; m0 += kChunk) {
+        V acc[kOut][kVecs] = {};
+        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+          const int64_t ty = oy + g.pad_h - kh;
+          if (ty < 0 || ty % g.stride_h != 0 || ty / g.stride_h >= g.in_h) continue;
+          const int64_t iy = ty / g.stride_h;
+          for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+            const int64_t tx = r + g.pad_w - kw;  // ix = m + tx / stride when divisible
+            if (((tx % g.stride_w) + g.stride_w) % g.stride_w != 0) continue;
+            const int64_t shift = (tx >= 0 ? tx / g.stride_w : -((-tx) / g.stride_w)) + halo + m0;
+            const T* w = weights + (kh * g.kernel_w + kw) * in_channels * kOut;  // [tap][c][out]
+            const T* x = padded + iy * padded_w + shift;
+            for (int64_t c = 0; c < in_channels; ++c, x += g.in_h * padded_w, w += kOut) {
+              V xv[kVecs];
+              for (int v = 0; v < kVecs; ++v) xv[v] = load_vec<V>(x + v * L);
+              for (int o = 0; o < kOut; ++o) {
+                const V wv = V{} + w[o];
+                for (int v = 0; v < kVecs; ++v) acc[o][v] += wv * xv[v];
               }
             }
           }
         }
-        T* out = static_cast<T*>(output) + (image * channels + group * per_group) * out_plane;
-        for (int64_t i = 0; i < per_group * out_plane; ++i) store(out + i, acc[i]);
+        const int64_t n = std::min<int64_t>(kChunk, columns - m0);
+        for (int o = 0; o < kOut; ++o) {
+          T* row = row_out + o * kChunk;
+          for (int v = 0; v < kVecs; ++v) store_vec(row + v * L, acc[o][v]);
+          T* out = output + (o * g.out_h + oy) * g.out_w + r + m0 * g.stride_w;
+          const T b = bias ? bias[o] : T(0);
+          for (int64_t j = 0; j < n; ++j) out[j * g.stride_w] = row[j] + b;
+        }
       }
-    });
+    }
+  }
+}
+
+template <int kOut, typename T>
+void direct_launch(const T* input, const T* weight, const T* bias, T* output, int64_t batch, int64_t in_channels,
+                   const ConvTransposeGeometry& g, int num_threads) {
+  // Accumulators, input vectors and one weight broadcast must fit the 16 vector registers.
+  constexpr int L = Simd<T>::kLanes, kVecs = std::min(4, 15 / (kOut + 1)), kChunk = kVecs * L;
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  std::vector<T> weights(taps * in_channels * kOut);  // [tap][c][out]
+  for (int64_t c = 0; c < in_channels; ++c)
+    for (int o = 0; o < kOut; ++o)
+      for (int64_t k = 0; k < taps; ++k) weights[(k * in_channels + c) * kOut + o] = weight[(c * kOut + o) * taps + k];
+  // Halo: the farthest input column a chunk reads left of 0 or right of in_w, plus a chunk of slack.
+  const int64_t reach = (g.kernel_w + g.pad_w) / g.stride_w + 1;
+  const int64_t halo = reach + 1, padded_w = halo + g.in_w + reach + kChunk + 1;
+  parallel_for(batch, num_threads, in_channels * g.out_h * g.out_w * kOut, [&](int64_t begin, int64_t end) {
+    std::vector<T> padded(in_channels * g.in_h * padded_w), row_out(kOut * kChunk);
+    for (int64_t b = begin; b < end; ++b) {
+      direct_image<kOut, kVecs>(input + b * in_channels * g.in_h * g.in_w, weights.data(), bias,
+                                output + b * kOut * g.out_h * g.out_w, in_channels, g, halo, padded_w, padded.data(),
+                                row_out.data());
+    }
   });
+}
+
+}  // namespace
+
+bool conv_transpose2d_direct(const void* input, const void* weight, const void* bias, void* output, DType dtype,
+                             int64_t batch, int64_t in_channels, int64_t out_channels, const ConvTransposeGeometry& g,
+                             int num_threads) {
+  if (out_channels < 1 || out_channels > 4 || g.dilation_h != 1 || g.dilation_w != 1) return false;
+  if (dtype != DType::Float32 && dtype != DType::Float64) return false;
+  dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+      const auto run = [&](auto out) {
+        direct_launch<decltype(out)::value>(static_cast<const T*>(input), static_cast<const T*>(weight),
+                                           static_cast<const T*>(bias), static_cast<T*>(output), batch, in_channels,
+                                           g, num_threads);
+      };
+      switch (out_channels) {
+        case 1: return run(std::integral_constant<int, 1>{});
+        case 2: return run(std::integral_constant<int, 2>{});
+        case 3: return run(std::integral_constant<int, 3>{});
+        default: return run(std::integral_constant<int, 4>{});
+      }
+    }
+  });
+  return true;
 }
 
 }  // namespace zfk::cpu

@@ -47,8 +47,11 @@ int64_t gather_switches(const void* source, const void* switches, void* output, 
 void relu(const void* input, void* output, DType dtype, int64_t numel, int num_threads);
 void relu_backward(const void* grad, const void* output, void* grad_input, DType dtype, int64_t numel, int rule,
                    int num_threads);
-void col2im(const void* cols, const void* bias, void* output, DType dtype, int64_t batch, int64_t channels,
-            int64_t groups, const ConvTransposeGeometry& g, int num_threads);
+// Direct transposed convolution (no GEMM) for 1 to 4 output channels, groups 1, dilation 1, fp32/fp64;
+// returns false (touching nothing) for anything else.
+bool conv_transpose2d_direct(const void* input, const void* weight, const void* bias, void* output, DType dtype,
+                             int64_t batch, int64_t in_channels, int64_t out_channels, const ConvTransposeGeometry& g,
+                             int num_threads);
 int64_t unpool_conv_transpose2d(const void* values, const void* switches, const void* weight, void* output,
                                 DType dtype, SwitchType switch_type, int64_t batch, int64_t in_channels,
                                 int64_t out_channels, const PoolGeometry& pool, const ConvTransposeGeometry& g,

@@ -34,18 +34,19 @@ def pair(value: int | Sequence[int], name: str, minimum: int) -> Pair:
     return items[0], items[1]
 
 
-def pool_params(kernel_size, stride, padding) -> tuple[Pair, Pair, Pair]:
-    kernel = pair(kernel_size, "kernel_size", 1)
+def pool_params(kernel_size, stride, padding, prefix: str = "") -> tuple[Pair, Pair, Pair]:
+    """Checked (kernel, stride, padding) pairs; `prefix` names them in errors (e.g. "pool_")."""
+    kernel = pair(kernel_size, f"{prefix}kernel_size", 1)
     stride_pair = (
         kernel
         if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)
-        else pair(stride, "stride", 1)
+        else pair(stride, f"{prefix}stride", 1)
     )
-    pad = pair(padding, "padding", 0)
+    pad = pair(padding, f"{prefix}padding", 0)
     if pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
         raise ValueError(
-            f"padding must be at most half of kernel_size, "
-            f"got padding={padding!r}, kernel_size={kernel_size!r}"
+            f"{prefix}padding must be at most half of {prefix}kernel_size, "
+            f"got {prefix}padding={padding!r}, {prefix}kernel_size={kernel_size!r}"
         )
     return kernel, stride_pair, pad
 

@@ -114,62 +114,36 @@ def relu_backward(grad, output, rule: int):
     return out
 
 
-# Column buffers above this size are computed a few images at a time, so they stay hot in cache.
-_COLUMN_CHUNK_BYTES = 16 << 20
-
-
-def _uses_gemm_col2im(weight, stride: Pair, dilation: Pair) -> bool:
-    """GEMM + our col2im wins where the output is strided or thin; stride-1 convolutions with many
-    output channels are faster in oneDNN's direct convolution, which torch already calls."""
-    out_per_group = weight.shape[1]
-    kernel_area = weight.shape[2] * weight.shape[3]
-    return stride != (1, 1) or out_per_group * kernel_area <= 256
-
-
 def conv_transpose2d(
     input, weight, bias, stride: Pair, padding: Pair, output_padding: Pair, groups: int, dilation: Pair
 ):
-    if not _uses_gemm_col2im(weight, stride, dilation):
-        return reference.conv_transpose2d(
-            input, weight, bias, stride, padding, output_padding, groups, dilation
-        )
+    """Few output channels (ZFNet's layer 1: 96 -> 3) run the direct kernel, where a GEMM would be all
+    overhead; wider convolutions run oneDNN's through torch, which measured faster than GEMM + col2im."""
     x = input.contiguous()
     n, c_in, h, w = x.shape
     _, out_per_group, k_h, k_w = weight.shape
     c_out = out_per_group * groups
     out_h = (h - 1) * stride[0] - 2 * padding[0] + dilation[0] * (k_h - 1) + output_padding[0] + 1
     out_w = (w - 1) * stride[1] - 2 * padding[1] + dilation[1] * (k_w - 1) + output_padding[1] + 1
-    out = huge_page_empty((n, c_out, out_h, out_w), x)
-    if n == 0:
-        return out
-    # columns[image, group] = input[image, group]^T @ weight[group]: (h*w, out_per_group*k_h*k_w). The
-    # transposed input is a free view the BLAS reads directly, and pixels as GEMM rows run fastest.
-    weight_groups = weight.contiguous().view(groups, c_in // groups, out_per_group * k_h * k_w)
-    column_bytes = c_out * k_h * k_w * h * w * x.element_size()
-    chunk = max(1, min(n, _COLUMN_CHUNK_BYTES // max(column_bytes, 1)))
-    columns = torch.empty((chunk, groups, h * w, out_per_group * k_h * k_w), dtype=x.dtype)
-    b = bias.contiguous() if bias is not None else None
-    sizes, params = (h, w, out_h, out_w), (k_h, k_w, *stride, *padding, *dilation)
-    for start in range(0, n, chunk):
-        count = min(chunk, n - start)
-        cols = columns[:count]
-        pixels_by_channel = (
-            x[start : start + count].view(count, groups, c_in // groups, h * w).transpose(-1, -2)
-        )
-        torch.matmul(pixels_by_channel, weight_groups, out=cols)
-        cpu_module.col2im(
-            cols.data_ptr(),
+    if groups == 1 and n > 0:
+        out = huge_page_empty((n, c_out, out_h, out_w), x)
+        wt = weight.contiguous()  # held in a name: a temporary's buffer could be freed before the call
+        b = bias.contiguous() if bias is not None else None
+        if cpu_module.conv_transpose2d_direct(
+            x.data_ptr(),
+            wt.data_ptr(),
             0 if b is None else b.data_ptr(),
-            out[start].data_ptr(),
+            out.data_ptr(),
             DTYPE_CODES[x.dtype],
-            count,
+            n,
+            c_in,
             c_out,
-            groups,
-            sizes,
-            params,
+            (h, w, out_h, out_w),
+            (k_h, k_w, *stride, *padding, *dilation),
             _threads(),
-        )
-    return out
+        ):
+            return out
+    return reference.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
 
 
 def unpool_conv_transpose2d(

@@ -147,7 +147,7 @@ def unpool_conv_transpose2d(
             f"weight must have shape (in_channels={values.shape[-3]}, out_channels, kH, kW), "
             f"got {tuple(weight.shape)}"
         )
-    kernel, stride_pool, pad_pool = pool_params(pool_kernel_size, pool_stride, pool_padding)
+    kernel, stride_pool, pad_pool = pool_params(pool_kernel_size, pool_stride, pool_padding, "pool_")
     pooled = (values.shape[-2], values.shape[-1])
     size = unpool_output_size(pooled, kernel, stride_pool, pad_pool, unpool_size, "unpool_size")
     stride_p, pad_p, out_pad_p = (

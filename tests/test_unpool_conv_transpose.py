@@ -1,0 +1,365 @@
+"""unpool_conv_transpose2d: the fused deconvnet step equals conv_transpose2d(relu(unpool(values)), weight)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import (
+    BACKENDS,
+    assert_close_verbose,
+    backend_outputs,
+    invalid_switch_cases,
+    max_abs_error,
+    tied,
+)
+from torch.autograd import gradcheck, gradgradcheck
+
+import zfkernels as zk
+from zfkernels.ops import reference
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# pool: (kernel, stride, padding, ceil_mode, unpool (H, W)); conv: (kernel (kH, kW), stride, padding,
+# output_padding); channels in and out. Output channel counts cover every register block width the cpu
+# kernel picks (8 for few channels, 32, 48, 64).
+FUSED_CONFIGS = [
+    pytest.param((3, 2, 0, True, (13, 13)), ((3, 3), 1, 1, 0), 3, 4, id="zfnet_conv5_3x3"),
+    pytest.param((3, 2, 0, True, (16, 16)), ((7, 7), 2, 1, 1), 4, 3, id="zfnet_conv1_shrunk_7x7s2"),
+    pytest.param((2, 2, 0, False, (8, 8)), ((5, 5), 2, 2, 1), 3, 33, id="2s2_conv5x5s2_block32"),
+    pytest.param((3, 1, 1, False, (6, 7)), ((2, 3), (2, 1), (0, 1), (1, 0)), 2, 48, id="3s1p1_rect_block48"),
+    pytest.param(((2, 3), (1, 2), 1, False, (6, 7)), ((3, 3), 1, 0, 0), 2, 64, id="rectpool_block64"),
+    pytest.param((3, 2, 1, True, (7, 6)), ((3, 3), 3, 0, 2), 2, 5, id="3s2p1_ceil_conv_stride3"),
+]
+DTYPE_IDS = lambda d: str(d).split(".")[-1]
+
+
+def make_case(pool, c_in, c_out, kernel, dtype, generator, batch=2, use_indices=False):
+    """Pooled tied input (shared argmaxes), mixed-sign values (so relu after the sum matters), a weight."""
+    pool_kernel, pool_stride, pool_padding, ceil_mode, size = pool
+    x = tied((batch, c_in, *size), dtype, generator)
+    _, switches = zk.max_pool2d_switches(x, pool_kernel, pool_stride, pool_padding, ceil_mode)
+    if use_indices:
+        switches = zk.switches_to_indices(switches, size, pool_kernel, pool_stride, pool_padding)
+    values = (torch.randn(switches.shape, generator=generator, dtype=torch.float64) - 0.3).to(dtype)
+    weight = torch.randn(c_in, c_out, *kernel, generator=generator, dtype=torch.float64).to(dtype)
+    return values, switches, weight
+
+
+def reference_result(values, switches, weight, pool, conv, relu, dtype=torch.float64):
+    """F.conv_transpose2d of the reference unpool(+relu), computed in `dtype`."""
+    pool_kernel, pool_stride, pool_padding, _, size = pool
+    _, stride, padding, output_padding = conv
+    unpooled = zk.max_unpool2d(
+        values.to(dtype), switches, pool_kernel, pool_stride, pool_padding, size, relu=relu
+    )
+    return F.conv_transpose2d(unpooled, weight.to(dtype), None, stride, padding, output_padding)
+
+
+def fused(values, switches, weight, pool, conv, relu):
+    pool_kernel, pool_stride, pool_padding, _, size = pool
+    _, stride, padding, output_padding = conv
+    return zk.unpool_conv_transpose2d(
+        values,
+        switches,
+        weight,
+        pool_kernel_size=pool_kernel,
+        pool_stride=pool_stride,
+        pool_padding=pool_padding,
+        unpool_size=size,
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+        relu=relu,
+    )
+
+
+def check_fused(values, switches, weight, pool, conv, relu):
+    out = fused(values, switches, weight, pool, conv, relu)
+    with zk.use_backend("reference"):
+        expected = reference_result(values, switches, weight, pool, conv, relu)
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    if values.dtype == torch.float64:
+        assert_close_verbose(out, expected, rtol=1e-10, atol=1e-10 * scale, label="fp64")
+    elif values.dtype == torch.float32:
+        assert_close_verbose(out, expected.float(), rtol=1e-4, atol=1e-5 * scale, label="fp32")
+    else:  # at most twice the error of the unfused torch computation in the same dtype
+        with zk.use_backend("reference"):
+            unfused = reference_result(values, switches, weight, pool, conv, relu, values.dtype)
+        ours, torchs = max_abs_error(out, expected), max_abs_error(unfused, expected)
+        assert out.dtype == values.dtype
+        assert ours <= 2 * torchs + 1e-5, f"{values.dtype}: error {ours} > 2 x unfused torch's {torchs}"
+    return out
+
+
+@pytest.mark.parametrize("use_indices", [False, True], ids=["switches", "indices"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DTYPE_IDS)
+@pytest.mark.parametrize("pool, conv, c_in, c_out", FUSED_CONFIGS)
+def test_matches_unfused(backend, gen, pool, conv, c_in, c_out, dtype, relu, use_indices):
+    values, switches, weight = make_case(pool, c_in, c_out, conv[0], dtype, gen, use_indices=use_indices)
+    pool_kernel, pool_stride = pool[0], pool[1]
+    if pool_kernel != pool_stride:  # overlapping windows on tied input: some argmaxes are shared
+        flat = zk.switches_to_indices(switches, pool[4], *pool[:3]) if not use_indices else switches
+        flat = flat.flatten(1)
+        assert any(row.unique().numel() < row.numel() for row in flat), "no shared argmax in this case"
+    assert (values < 0).any() and (values > 0).any()
+    out = check_fused(values, switches, weight, pool, conv, relu)
+    if relu:  # relu after the sum changes the result: the negative sums are dropped
+        other = fused(values, switches, weight, pool, conv, False)
+        assert not torch.allclose(out, other)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS)
+@pytest.mark.parametrize("pool, conv, c_in, c_out", FUSED_CONFIGS[:3])
+def test_low_precision(backend, gen, pool, conv, c_in, c_out, dtype):
+    values, switches, weight = make_case(pool, c_in, c_out, conv[0], dtype, gen)
+    check_fused(values, switches, weight, pool, conv, True)
+
+
+def test_relu_after_the_sum_matters(backend):
+    # Four windows share the argmax (2, 2) with values 3, -1, -1, -0.5: relu of the sum is 0.5, while
+    # the sum of relus would be 3, and no relu at all gives the sum itself.
+    x = torch.zeros(1, 1, 5, 5)
+    x[..., 2, 2] = 1.0
+    _, switches = zk.max_pool2d_switches(x, 3, 2)
+    values = torch.tensor([[[[3.0, -1.0], [-1.0, -0.5]]]])
+    weight = torch.ones(1, 1, 1, 1)
+    common = dict(pool_kernel_size=3, pool_stride=2, unpool_size=(5, 5))
+    out = zk.unpool_conv_transpose2d(values, switches, weight, **common)
+    assert out[0, 0, 2, 2].item() == 0.5 and out.count_nonzero().item() == 1
+    out = zk.unpool_conv_transpose2d(-values, switches, weight, **common)
+    assert out.count_nonzero().item() == 0
+    out = zk.unpool_conv_transpose2d(-values, switches, weight, relu=False, **common)
+    assert out[0, 0, 2, 2].item() == -0.5
+
+
+def test_all_negative_values_give_zero(backend, gen):
+    values, switches, weight = make_case(FUSED_CONFIGS[0].values[0], 3, 4, (3, 3), torch.float32, gen)
+    out = fused(-values.abs(), switches, weight, FUSED_CONFIGS[0].values[0], FUSED_CONFIGS[0].values[1], True)
+    assert out.count_nonzero().item() == 0
+
+
+@pytest.mark.parametrize("pool, conv, c_in, c_out", FUSED_CONFIGS[:4])
+def test_backends_agree(gen, pool, conv, c_in, c_out):
+    values, switches, weight = make_case(pool, c_in, c_out, conv[0], torch.float32, gen)
+    results = backend_outputs(fused, values, switches, weight, pool, conv, True)
+    for name in BACKENDS[1:]:
+        assert_close_verbose(results[name], results[BACKENDS[0]], rtol=1e-4, atol=1e-4, label=name)
+
+
+# ----------------------------------------------------------------------------------------- autograd
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "plain"])
+@pytest.mark.parametrize(
+    "pool, conv",
+    [
+        pytest.param((3, 2, 0, True, (5, 5)), ((3, 3), 1, 1, 0), id="3s2_conv3x3"),
+        pytest.param((2, 1, 1, False, (3, 4)), ((2, 3), 2, 0, 1), id="2s1p1_conv_stride2"),
+    ],
+)
+def test_gradcheck(backend, gen, pool, conv, relu):
+    values, switches, weight = make_case(pool, 2, 2, conv[0], torch.float64, gen, batch=1)
+    values, weight = values.requires_grad_(), weight.requires_grad_()
+    assert gradcheck(lambda v, w: fused(v, switches, w, pool, conv, relu), (values, weight))
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "plain"])
+def test_gradgradcheck(backend, gen, relu):
+    pool, conv = (3, 2, 0, True, (5, 5)), ((2, 2), 2, 0, 1)
+    values, switches, weight = make_case(pool, 2, 1, conv[0], torch.float64, gen, batch=1)
+    values, weight = values.requires_grad_(), weight.requires_grad_()
+    assert gradgradcheck(lambda v, w: fused(v, switches, w, pool, conv, relu), (values, weight))
+
+
+def test_gradients_match_unfused(backend, gen):
+    pool, conv = FUSED_CONFIGS[1].values[:2]
+    values, switches, weight = make_case(pool, 4, 3, conv[0], torch.float64, gen)
+    grads = []
+    for fn in (fused, reference_result):
+        v, w = values.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = fn(v, switches, w, pool, conv, True)
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=torch.float64)).view_as(out))
+        grads.append((v.grad, w.grad))
+    assert_close_verbose(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-10, label="grad values")
+    assert_close_verbose(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-10, label="grad weight")
+
+
+# ------------------------------------------------------------------------------------ opcheck/compile
+def _samples():
+    g = torch.Generator().manual_seed(5)
+    samples = []
+    for pool, conv, c_in, c_out, dtype, relu, use_indices, grad in [
+        ((3, 2, 0, True, (5, 5)), ((3, 3), 1, 1, 0), 2, 3, torch.float64, True, False, True),
+        ((2, 1, 1, False, (3, 4)), ((2, 3), 2, 0, 1), 2, 2, torch.float64, False, True, True),
+        ((3, 2, 0, True, (7, 7)), ((3, 3), 2, 1, 1), 3, 33, torch.float32, True, False, True),
+        ((2, 2, 0, False, (4, 4)), ((3, 3), 1, 1, 0), 2, 4, torch.float16, True, False, False),
+    ]:
+        values, switches, weight = make_case(
+            pool, c_in, c_out, conv[0], dtype, g, batch=2, use_indices=use_indices
+        )
+        k = list(pool[0]) if isinstance(pool[0], tuple) else [pool[0]] * 2
+        s = list(pool[1]) if isinstance(pool[1], tuple) else [pool[1]] * 2
+        p = list(pool[2]) if isinstance(pool[2], tuple) else [pool[2]] * 2
+        pair = lambda v: list(v) if isinstance(v, tuple) else [v, v]
+        samples.append(
+            (
+                values.requires_grad_(grad),
+                switches,
+                weight.requires_grad_(grad),
+                k,
+                s,
+                p,
+                list(pool[4]),
+                pair(conv[1]),
+                pair(conv[2]),
+                pair(conv[3]),
+                relu,
+            )
+        )
+    return samples
+
+
+@pytest.mark.parametrize("sample", range(4))
+def test_opcheck(backend, sample):
+    torch.library.opcheck(torch.ops.zfkernels.unpool_conv_transpose2d.default, _samples()[sample])
+
+
+def test_compile_fullgraph(gen):
+    pool, conv = FUSED_CONFIGS[0].values[:2]
+    values, switches, weight = make_case(pool, 3, 4, conv[0], torch.float32, gen)
+    fn = lambda v, w: fused(v, switches, w, pool, conv, True)
+    compiled = torch.compile(fn, fullgraph=True)
+    vc, wc = values.clone().requires_grad_(), weight.clone().requires_grad_()
+    ve, we = values.clone().requires_grad_(), weight.clone().requires_grad_()
+    got, want = compiled(vc, wc), fn(ve, we)
+    assert_close_verbose(got, want, rtol=1e-5, atol=1e-5, label="compiled")
+    got.square().sum().backward()
+    want.square().sum().backward()
+    assert_close_verbose(vc.grad, ve.grad, rtol=1e-4, atol=1e-4, label="compiled grad values")
+    assert_close_verbose(wc.grad, we.grad, rtol=1e-4, atol=1e-4, label="compiled grad weight")
+
+
+# ---------------------------------------------------------------------------------------- layouts
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last"])
+def test_non_contiguous_layouts(backend, gen, layout):
+    pool, conv = FUSED_CONFIGS[1].values[:2]
+    values, switches, weight = make_case(pool, 4, 3, conv[0], torch.float32, gen)
+    expected = fused(values, switches, weight, pool, conv, True)
+    if layout == "transposed":
+        remake = lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    elif layout == "sliced":
+        remake = lambda t: torch.stack([t, t], dim=-1)[..., 0]
+    else:
+        remake = lambda t: t.contiguous(memory_format=torch.channels_last)
+    v, s, w = remake(values), remake(switches), remake(weight)
+    assert not v.is_contiguous() and not s.is_contiguous() and not w.is_contiguous()
+    assert_close_verbose(fused(v, s, w, pool, conv, True), expected, rtol=1e-6, atol=1e-6, label=layout)
+
+
+def test_unbatched(backend, gen):
+    pool, conv = FUSED_CONFIGS[0].values[:2]
+    values, switches, weight = make_case(pool, 3, 4, conv[0], torch.float32, gen, batch=1)
+    out = fused(values[0], switches[0], weight, pool, conv, True)
+    assert out.shape == (4, 13, 13)
+    assert_close_verbose(
+        out, fused(values, switches, weight, pool, conv, True)[0], rtol=1e-6, atol=1e-6, label="unbatched"
+    )
+
+
+def test_empty_batch(backend, gen):
+    pool, conv = FUSED_CONFIGS[1].values[:2]
+    values, switches, weight = make_case(pool, 4, 3, conv[0], torch.float32, gen, batch=0)
+    assert values.shape[0] == 0
+    assert fused(values, switches, weight, pool, conv, True).shape == (0, 3, 36, 36)
+
+
+def test_empty_batch_backward(backend, gen):
+    pool, conv = FUSED_CONFIGS[1].values[:2]
+    values, switches, weight = make_case(pool, 4, 3, conv[0], torch.float32, gen, batch=0)
+    values.requires_grad_()
+    weight.requires_grad_()
+    fused(values, switches, weight, pool, conv, True).sum().backward()
+    assert values.grad.shape == values.shape and weight.grad.shape == weight.shape
+
+
+# ------------------------------------------------------------------------------------- bad inputs
+def _valid():
+    x = torch.arange(49.0).view(1, 1, 7, 7)
+    values, switches = zk.max_pool2d_switches(x, 3, 2)
+    return values, switches, torch.randn(1, 2, 3, 3)
+
+
+COMMON = dict(pool_kernel_size=3, pool_stride=2, unpool_size=(7, 7))
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda v, s, w: ((v[0, 0], s[0, 0], w), {}), ValueError, "values"),
+        (lambda v, s, w: ((v.long(), s, w), {}), TypeError, "values"),
+        (lambda v, s, w: ((v, s.double(), w), {}), TypeError, "switches"),
+        (lambda v, s, w: ((v, s[..., :2], w), {}), ValueError, "switches"),
+        (lambda v, s, w: ((v, s, w[0]), {}), ValueError, "weight"),
+        (lambda v, s, w: ((v, s, w.double()), {}), TypeError, "weight"),
+        (lambda v, s, w: ((v, s, torch.randn(2, 2, 3, 3)), {}), ValueError, "weight"),
+        (lambda v, s, w: ((v, s, w), {"unpool_size": (9, 9)}), ValueError, "unpool_size"),
+        (lambda v, s, w: ((v, s, w), {"unpool_size": (7, 4)}), ValueError, "unpool_size"),
+        (lambda v, s, w: ((v, s, w), {"stride": 0}), ValueError, "stride"),
+        (lambda v, s, w: ((v, s, w), {"padding": -1}), ValueError, "padding"),
+        (lambda v, s, w: ((v, s, w), {"padding": 9}), ValueError, "padding"),
+        (lambda v, s, w: ((v, s, w), {"output_padding": 1}), ValueError, "output_padding"),
+        (lambda v, s, w: ((v, s, w), {"stride": 2, "output_padding": 2}), ValueError, "output_padding"),
+        (lambda v, s, w: ((v, s, w.to("meta")), {}), ValueError, "weight"),
+        (lambda v, s, w: ((v, s.to("meta"), w), {}), ValueError, "switches"),
+        (lambda v, s, w: ((v.to("meta"), s, w), {}), ValueError, "values"),
+        # the pooling arguments sit beside stride/padding of the convolution: errors must say which one
+        pytest.param(
+            lambda v, s, w: ((v, s, w), {"pool_kernel_size": 0}),
+            ValueError,
+            "pool_kernel_size",
+            id="pool_kernel_size_0",
+        ),
+        pytest.param(
+            lambda v, s, w: ((v, s, w), {"pool_stride": 0}), ValueError, "pool_stride", id="pool_stride_0"
+        ),
+        pytest.param(
+            lambda v, s, w: ((v, s, w), {"pool_padding": 2}),
+            ValueError,
+            "pool_padding",
+            id="pool_padding_too_large",
+        ),
+    ],
+)
+def test_bad_inputs(backend, make, error, match):
+    args, kwargs = make(*_valid())
+    with pytest.raises(error, match=match):
+        zk.unpool_conv_transpose2d(*args, **{**COMMON, **kwargs})
+
+
+@pytest.mark.parametrize("case", list(invalid_switch_cases()))
+def test_switches_outside_window_raise(backend, case):
+    values, switches, kernel, stride, padding, size = invalid_switch_cases()[case]
+    weight = torch.randn(values.shape[1], 2, 3, 3)
+    for relu in (True, False):
+        with pytest.raises(ValueError, match="switches"):
+            zk.unpool_conv_transpose2d(
+                values,
+                switches,
+                weight,
+                pool_kernel_size=kernel,
+                pool_stride=stride,
+                pool_padding=padding,
+                unpool_size=size,
+                relu=relu,
+            )
+
+
+def test_reference_module_matches_public_function(gen):
+    # reference.unpool_conv_transpose2d is the oracle the cpu kernel is held to: pin it to its definition.
+    pool, conv = FUSED_CONFIGS[0].values[:2]
+    values, switches, weight = make_case(pool, 3, 4, conv[0], torch.float64, gen)
+    out = reference.unpool_conv_transpose2d(
+        values, switches, weight, (3, 3), (2, 2), (0, 0), (13, 13), (1, 1), (1, 1), (0, 0), True
+    )
+    unpooled = reference.max_unpool2d(values, switches, (3, 3), (2, 2), (0, 0), (13, 13), True)
+    assert torch.equal(out, F.conv_transpose2d(unpooled, weight, None, 1, 1, 0))

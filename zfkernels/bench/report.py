@@ -1,0 +1,421 @@
+"""Writing a run up: the terminal table, the markdown report, the JSON record, the speedup chart, and the
+comparison of a run against a stored one.
+
+Ratios are stock eager's median over the provider's median, so above 1 is faster than stock PyTorch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .cases import STOCK_PROVIDERS
+from .runner import OK, BenchRun, Cell, CopyBandwidth, Machine, Settings, Timing, TimingPolicy
+
+JSON_NAME, MARKDOWN_NAME, CHART_NAME = "results.json", "report.md", "speedups.png"
+SCHEMA_VERSION = 1
+
+
+def provider_order(run: BenchRun) -> list[str]:
+    """Stock providers first, then the backends in the order they were measured."""
+    measured = list(dict.fromkeys(cell.provider for cell in run.cells))
+    return [p for p in STOCK_PROVIDERS if p in measured] + [p for p in measured if p not in STOCK_PROVIDERS]
+
+
+def _rows(run: BenchRun) -> dict[tuple[str, str, str, str], dict[str, Cell]]:
+    rows: dict[tuple[str, str, str, str], dict[str, Cell]] = {}
+    for cell in run.cells:
+        rows.setdefault(cell.case_key, {})[cell.provider] = cell
+    return rows
+
+
+def speedup(cells: dict[str, Cell], provider: str) -> float | None:
+    """Stock eager's median over `provider`'s, when both were timed."""
+    eager, other = cells.get("eager"), cells.get(provider)
+    if eager is None or other is None or eager.timing is None or other.timing is None:
+        return None
+    return eager.timing.median_ms / other.timing.median_ms
+
+
+def fastest_backend(cells: dict[str, Cell]) -> Cell | None:
+    """The quickest timed zfkernels backend of a row: the one whose bandwidth the table quotes."""
+    timed = [c for p, c in cells.items() if p not in STOCK_PROVIDERS and c.timing is not None]
+    return min(timed, key=lambda c: c.timing.median_ms) if timed else None
+
+
+def _status_text(cell: Cell | None) -> str:
+    if cell is None:
+        return "-"
+    if cell.status == OK and cell.timing is not None:
+        return _ms(cell.timing.median_ms)
+    return cell.status.upper()
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def _mb(nbytes: int | None) -> str:
+    if nbytes is None:
+        return "?"
+    megabytes = nbytes / 2**20
+    return f"{megabytes:.1f}" if megabytes < 10 else f"{megabytes:.0f}"
+
+
+def _percent_of_copy(cell: Cell | None, copy: CopyBandwidth) -> str:
+    if cell is None or cell.gbps is None:
+        return ""
+    return f"{100 * cell.gbps / copy.preallocated_gbps:.0f}%"
+
+
+def format_header(run: BenchRun) -> str:
+    """The lines that make a table's numbers interpretable: the machine, the threads, the copy yardstick."""
+    m, s, copy = run.machine, run.settings, run.copy
+    return "\n".join(
+        [
+            f"zfkernels {m.zfkernels} bench | torch {m.torch} | triton {m.triton or 'not installed'} | "
+            f"device {m.device} ({m.device_name})",
+            f"CPU: {m.cpu}, {m.cores} cores; CPU threads: {m.threads} (torch.set_num_threads); "
+            f"{_load_text(m)}",
+            f"batch {s.batch}, ZFNet at {s.image_size}x{s.image_size}; "
+            f"plain copy of {copy.nbytes / 2**20:.0f} MiB: {copy.preallocated_gbps:.1f} GB/s into a "
+            f"preallocated tensor, {copy.fresh_gbps:.1f} GB/s with a fresh allocation (clone)",
+        ]
+    )
+
+
+def _load_text(machine: Machine) -> str:
+    if machine.load_average is None:
+        return "load average unknown"
+    busy = machine.load_average >= 1.0
+    return f"load average {machine.load_average:.2f} at start" + (
+        " (the machine was busy: timings may be noisy)" if busy else ""
+    )
+
+
+def format_table(run: BenchRun) -> str:
+    """The compact terminal table: median ms and speedup over stock eager per provider, one row per case;
+    for memory-bound ops the fastest backend's GB/s and its share of the preallocated copy's bandwidth."""
+    providers = provider_order(run)
+    header = ["op", "layer", "mode", "dtype"]
+    for provider in providers:
+        header += [f"{provider} ms"] if provider == "eager" else [f"{provider} ms", "x"]
+    header += ["GB/s", "%copy", "peak MB eager/best"]
+    body = []
+    for (op, shape, mode, dtype), cells in _rows(run).items():
+        row = [op, shape, mode, dtype]
+        for provider in providers:
+            row.append(_status_text(cells.get(provider)))
+            if provider != "eager":
+                ratio = speedup(cells, provider)
+                row.append("" if ratio is None else f"{ratio:.2f}x")
+        best = fastest_backend(cells)
+        row += [
+            "" if best is None or best.gbps is None else f"{best.gbps:.1f}",
+            _percent_of_copy(best, run.copy),
+        ]
+        eager = cells.get("eager")
+        row.append(
+            ""
+            if eager is None or best is None or eager.timing is None
+            else f"{_mb(eager.peak_memory_bytes)}/{_mb(best.peak_memory_bytes)}"
+        )
+        body.append(row)
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            text.ljust(w) if i < 4 else text.rjust(w)
+            for i, (text, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in [header, *body]
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    notes = [
+        f"  {cell.provider} on {'/'.join(cell.case_key)}: {cell.status.upper()}: {cell.message}"
+        for cell in run.cells
+        if cell.status != OK
+    ]
+    legend = [
+        "x = stock eager time / provider time (above 1 is faster); "
+        "GB/s, %copy and peak 'best': the fastest zfkernels backend",
+        f"peak MB: allocated during one call above the inputs, from {run.machine.peak_memory_method}",
+    ]
+    return "\n".join([*lines, *legend, *(["not timed:", *notes] if notes else [])])
+
+
+def markdown_report(run: BenchRun, chart_note: str) -> str:
+    """The report for people: machine and settings, one table per op with every provider's full figures."""
+    m, s, copy = run.machine, run.settings, run.copy
+    policy = s.policy
+    repeats = (
+        f"{policy.repeats} repeats"
+        if policy.repeats
+        else (
+            f"repeats fitted to {policy.budget_s:g} s per cell ({policy.min_repeats} to {policy.max_repeats})"
+        )
+    )
+    lines = [
+        "# zfkernels benchmark",
+        "",
+        f"- Machine: {m.cpu}, {m.cores} cores, {m.platform}; device `{m.device}` ({m.device_name})",
+        f"- Versions: zfkernels {m.zfkernels}, torch {m.torch}, triton {m.triton or 'not installed'}, "
+        f"Python {m.python}",
+        f"- CPU threads: {m.threads} (pinned with torch.set_num_threads); {_load_text(m)}",
+        f"- Batch {s.batch}, ZFNet layers at {s.image_size}x{s.image_size} input; {repeats}; wall time "
+        f"{run.wall_s:.0f} s",
+        f"- Plain copy of {copy.nbytes / 2**20:.0f} MiB (read + write): {copy.preallocated_gbps:.1f} GB/s "
+        f"into a preallocated tensor (the %copy yardstick), {copy.fresh_gbps:.1f} GB/s with a fresh "
+        "allocation",
+        f"- Peak memory: {m.peak_memory_method}",
+        "- Every provider's result was checked against the reference backend before timing (pool, unpool, "
+        "ReLU bit for bit; convolutions allclose); FAILED cells differ and were not timed.",
+        "- Ratio: stock eager median / provider median (above 1 is faster). GB/s: the op's own bytes "
+        "(inputs read + outputs written, uint8 switches) over the median.",
+        f"- Chart: {chart_note}",
+        "",
+    ]
+    rows = _rows(run)
+    for op in dict.fromkeys(key[0] for key in rows):
+        lines += [
+            f"## {op}",
+            "",
+            "| layer | mode | dtype | provider | median ms | p20-p80 ms | ratio | GB/s | "
+            "%copy | peak MB | shapes |",
+            "|---|---|---|---|---:|---|---:|---:|---:|---:|---|",
+        ]
+        for key, cells in rows.items():
+            if key[0] != op:
+                continue
+            shapes = ", ".join(
+                f"{name} {'x'.join(map(str, shape))}"
+                for name, shape in run.cases.get("-".join(key), {}).items()
+            )
+            for provider in provider_order(run):
+                cell = cells.get(provider)
+                if cell is None:
+                    continue
+                lines.append("| " + " | ".join(_markdown_cells(cell, cells, copy) + [shapes]) + " |")
+                shapes = ""
+        lines.append("")
+    problems = [c for c in run.cells if c.status != OK]
+    if problems:
+        lines += (
+            ["## Not timed", ""]
+            + [
+                f"- {c.provider} on {'/'.join(c.case_key)}: **{c.status.upper()}** {c.message}"
+                for c in problems
+            ]
+            + [""]
+        )
+    return "\n".join(lines)
+
+
+def _markdown_cells(cell: Cell, row: dict[str, Cell], copy: CopyBandwidth) -> list[str]:
+    head = [cell.shape, cell.mode, cell.dtype, cell.provider]
+    if cell.timing is None:
+        return head + [f"**{cell.status.upper()}**", "", "", "", "", ""]
+    t = cell.timing
+    ratio = speedup(row, cell.provider)
+    return head + [
+        _ms(t.median_ms),
+        f"{_ms(t.p20_ms)}-{_ms(t.p80_ms)}",
+        "" if ratio is None else f"{ratio:.2f}x",
+        "" if cell.gbps is None else f"{cell.gbps:.1f}",
+        _percent_of_copy(cell, copy),
+        _mb(cell.peak_memory_bytes),
+    ]
+
+
+def run_to_json(run: BenchRun) -> dict[str, Any]:
+    return {"schema": SCHEMA_VERSION, **dataclasses.asdict(run)}
+
+
+def run_from_json(data: dict[str, Any]) -> BenchRun:
+    """A stored run back as dataclasses; ValueError if it is not a zfkernels bench record of this schema."""
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA_VERSION:
+        raise ValueError(f"not a zfkernels bench record of schema {SCHEMA_VERSION}")
+    try:
+        settings = dict(data["settings"])
+        settings["policy"] = TimingPolicy(**settings["policy"])
+        cells = []
+        for raw in data["cells"]:
+            cell = dict(raw)
+            cell["timing"] = None if cell["timing"] is None else Timing(**cell["timing"])
+            cells.append(Cell(**cell))
+        return BenchRun(
+            machine=Machine(**data["machine"]),
+            settings=Settings(**settings),
+            copy=CopyBandwidth(**data["copy"]),
+            cases=data["cases"],
+            cells=cells,
+            wall_s=data["wall_s"],
+        )
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"malformed zfkernels bench record ({type(error).__name__}: {error})") from error
+
+
+def load_run(path: str | Path) -> BenchRun:
+    """Read a results.json; OSError or ValueError with the reason when it cannot be used."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not JSON ({error})") from error
+    try:
+        return run_from_json(data)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+def write_chart(run: BenchRun, path: Path) -> str | None:
+    """A PNG of speedups over stock eager, one panel per op, one bar per provider and case, drawn up from 1x
+    when faster and down when slower. matplotlib is optional: without it the chart is skipped, not the run.
+    Returns why it was skipped, None if written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display is needed, or wanted, on a benchmark machine
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib)"
+    rows = _rows(run)
+    providers = [p for p in provider_order(run) if p != "eager"]
+    ops = list(dict.fromkeys(key[0] for key in rows))
+    if not ops or not providers:
+        return "no provider besides stock eager was measured"
+    widest = max(sum(key[0] == op for key in rows) for op in ops)
+    figure, axes = plt.subplots(len(ops), 1, figsize=(max(7.0, 0.25 + 0.9 * widest), 3.0 * len(ops)),
+                                squeeze=False, layout="constrained")  # fmt: skip
+    width = 0.8 / len(providers)
+    for axis, op in zip(axes[:, 0], ops, strict=True):
+        keys = [key for key in rows if key[0] == op]
+        measured = []
+        for index, provider in enumerate(providers):
+            ratios = [speedup(rows[key], provider) or math.nan for key in keys]
+            measured += [r for r in ratios if not math.isnan(r)]
+            positions = [k + (index - (len(providers) - 1) / 2) * width for k in range(len(keys))]
+            bars = axis.bar(positions, [r - 1 for r in ratios], width, bottom=1, label=provider)
+            axis.bar_label(bars, labels=["" if math.isnan(r) else f"{r:.2g}" for r in ratios], fontsize=6)
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set_yscale("log")
+        axis.set_ylim(min([*measured, 1.0]) / 1.6, max([*measured, 1.0]) * 1.6)
+        axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+        axis.yaxis.set_minor_formatter(NullFormatter())
+        axis.set_xticks(range(len(keys)), ["\n".join(key[1:]) for key in keys], fontsize=7)
+        axis.set_xlim(-0.6, len(keys) - 0.4)  # the same slots whether or not a case was timed
+        axis.set_ylabel("speedup vs eager")
+        axis.set_title(op, fontsize=10)
+        axis.legend(fontsize=7)
+    title = f"zfkernels vs stock PyTorch eager: batch {run.settings.batch}, {run.machine.device_name}"
+    figure.suptitle(f"{title}, {run.machine.threads} CPU threads", fontsize=10)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return None
+
+
+def write_outputs(run: BenchRun, directory: Path) -> tuple[list[Path], str | None]:
+    """Write results.json, report.md and (with matplotlib) speedups.png into `directory`; returns the files
+    written, and why the chart was skipped (None when it was drawn)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = [directory / JSON_NAME, directory / MARKDOWN_NAME]
+    skipped_because = write_chart(run, directory / CHART_NAME)
+    if skipped_because is None:
+        written.append(directory / CHART_NAME)
+    written[0].write_text(json.dumps(run_to_json(run), indent=1) + "\n")
+    written[1].write_text(
+        markdown_report(run, CHART_NAME if skipped_because is None else f"skipped: {skipped_because}")
+    )
+    return written, skipped_because
+
+
+@dataclass
+class CellChange:
+    """One cell in both runs: its medians, new/old, and whether that counts as a regression."""
+
+    key: tuple[str, str, str, str, str]
+    old_ms: float | None
+    new_ms: float | None
+    regressed: bool
+    note: str
+
+    @property
+    def ratio(self) -> float | None:
+        if self.old_ms is None or self.new_ms is None or self.old_ms <= 0:
+            return None
+        return self.new_ms / self.old_ms
+
+
+def compare_runs(old: BenchRun, new: BenchRun, threshold: float) -> list[CellChange]:
+    """Every cell of `new` against the same cell of `old`. A regression is a median more than `threshold`
+    times the old one, or a cell timed before that now fails its check or raises."""
+    old_cells = {cell.key: cell for cell in old.cells}
+    changes = []
+    for cell in new.cells:
+        before = old_cells.get(cell.key)
+        new_ms = cell.timing.median_ms if cell.timing else None
+        if before is None:
+            changes.append(CellChange(cell.key, None, new_ms, False, "new cell"))
+            continue
+        old_ms = before.timing.median_ms if before.timing else None
+        if new_ms is None:
+            regressed = old_ms is not None
+            changes.append(CellChange(cell.key, old_ms, None, regressed, f"now {cell.status.upper()}"))
+        elif old_ms is None:
+            changes.append(
+                CellChange(cell.key, None, new_ms, False, f"was {before.status.upper()}, now timed")
+            )
+        else:
+            ratio = new_ms / old_ms
+            regressed = ratio > threshold
+            changes.append(
+                CellChange(
+                    cell.key,
+                    old_ms,
+                    new_ms,
+                    regressed,
+                    f"{ratio:.2f}x the old time" + (" REGRESSED" if regressed else ""),
+                )
+            )
+    return changes
+
+
+def run_differences(old: BenchRun, new: BenchRun) -> list[str]:
+    """What differs between two runs' conditions, so a reader knows when a change may not be the code's."""
+    pairs = {
+        "CPU": (old.machine.cpu, new.machine.cpu),
+        "device": (old.machine.device_name, new.machine.device_name),
+        "threads": (old.machine.threads, new.machine.threads),
+        "batch": (old.settings.batch, new.settings.batch),
+        "torch": (old.machine.torch, new.machine.torch),
+    }
+    return [f"{name}: {before} -> {after}" for name, (before, after) in pairs.items() if before != after]
+
+
+def format_comparison(changes: Sequence[CellChange], threshold: float, differences: Sequence[str]) -> str:
+    header = ["op", "layer", "mode", "dtype", "provider", "old ms", "new ms", "change"]
+    body = [
+        [
+            *change.key,
+            "-" if change.old_ms is None else _ms(change.old_ms),
+            "-" if change.new_ms is None else _ms(change.new_ms),
+            change.note,
+        ]
+        for change in changes
+    ]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = [
+        "  ".join(text.ljust(w) for text, w in zip(r, widths, strict=True)).rstrip() for r in [header, *body]
+    ]
+    regressions = sum(change.regressed for change in changes)
+    summary = (
+        f"{regressions} of {len(changes)} cells regressed beyond {threshold:g}x"
+        if regressions
+        else f"no cell regressed beyond {threshold:g}x ({len(changes)} compared)"
+    )
+    caveat = [f"note: the runs differ in {'; '.join(differences)}"] if differences else []
+    return "\n".join([*lines, *caveat, summary])

@@ -1,0 +1,343 @@
+"""Measuring the cases: verification against the reference, honest timing, peak memory, copy bandwidth.
+
+Timing rules, for every provider alike: the device is synchronized around each timed call (CUDA events on
+a GPU), the first call (which compiles, for "compile") and a warm-up are never timed, CPU threads are pinned
+with torch.set_num_threads, and a provider whose result differs from the reference is not timed at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib.metadata
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+import zfkernels
+
+from .cases import BuiltCase, Case, providers_for
+
+OK, FAILED, ERROR = "ok", "failed", "error"
+
+
+@dataclass(frozen=True)
+class TimingPolicy:
+    """How long to time one cell: a fixed repeat count, or as many repeats as fit in `budget_s`."""
+
+    repeats: int | None = None
+    budget_s: float = 1.0
+    min_repeats: int = 5
+    max_repeats: int = 100
+    # Untimed calls after the verifying one: at least one, more while they fit in this share of the budget.
+    warmup_share: float = 0.25
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    repeats: int
+
+
+@dataclass
+class Cell:
+    """One provider on one case: its timing, or why it has none (its result differs from the reference, or
+    it raised)."""
+
+    op: str
+    shape: str
+    mode: str
+    dtype: str
+    provider: str
+    status: str
+    message: str | None = None
+    timing: Timing | None = None
+    peak_memory_bytes: int | None = None
+    bytes_moved: int | None = None
+
+    @property
+    def case_key(self) -> tuple[str, str, str, str]:
+        return self.op, self.shape, self.mode, self.dtype
+
+    @property
+    def key(self) -> tuple[str, str, str, str, str]:
+        return (*self.case_key, self.provider)
+
+    @property
+    def gbps(self) -> float | None:
+        """Effective bandwidth: the op's own bytes moved over the median time (memory-bound ops only)."""
+        if self.bytes_moved is None or self.timing is None or self.timing.median_ms <= 0:
+            return None
+        return self.bytes_moved / (self.timing.median_ms * 1e-3) / 1e9
+
+
+@dataclass
+class CopyBandwidth:
+    """A plain tensor copy on this device, read + write bytes over the median time: the bandwidth ceiling
+    memory-bound ops are judged against. `fresh` allocates its output (page faults included, as in a clone);
+    `preallocated` copies into an existing tensor, the faster and so the stricter yardstick."""
+
+    nbytes: int
+    preallocated_gbps: float
+    fresh_gbps: float
+
+
+@dataclass
+class Machine:
+    cpu: str
+    cores: int
+    threads: int
+    device: str
+    device_name: str
+    torch: str
+    triton: str | None
+    zfkernels: str
+    python: str
+    platform: str
+    peak_memory_method: str
+    # Other processes busy on a small machine skew every timing; the reader should know they were there.
+    load_average: float | None
+
+
+@dataclass
+class Settings:
+    """What was asked for; recorded with the results so a comparison can say when two runs differ in kind."""
+
+    device: str
+    batch: int
+    image_size: int
+    threads: int
+    providers: list[str] | None
+    policy: TimingPolicy
+    copy_mib: int = 256
+
+
+@dataclass
+class BenchRun:
+    machine: Machine
+    settings: Settings
+    copy: CopyBandwidth
+    cases: dict[str, dict[str, list[int]]]  # case id -> named input/output shapes
+    cells: list[Cell] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, policy: TimingPolicy) -> Timing:
+    """Median and 20th/80th percentiles of `fn`'s wall time in ms, after a warm-up.
+
+    Each call's result is dropped before the next, so allocation is part of the cost as in real use.
+    The garbage collector is paused so a collection never lands inside a timed call.
+    """
+    warmup_budget = policy.warmup_share * policy.budget_s
+    warmup_times: list[float] = []
+    while not warmup_times or (sum(warmup_times) < warmup_budget and len(warmup_times) < policy.min_repeats):
+        warmup_times.append(_timed_once(fn, device))
+    repeats = policy.repeats or min(
+        policy.max_repeats, max(policy.min_repeats, math.ceil(policy.budget_s / min(warmup_times)))
+    )
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        samples = [_timed_once(fn, device) for _ in range(repeats)]
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    samples_ms = [s * 1e3 for s in samples]
+    if len(samples_ms) == 1:
+        return Timing(samples_ms[0], samples_ms[0], samples_ms[0], 1)
+    deciles = statistics.quantiles(samples_ms, n=10, method="inclusive")
+    return Timing(statistics.median(samples_ms), deciles[1], deciles[7], repeats)
+
+
+def _timed_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds for one call, the device synchronized before and after (CUDA events time the GPU's work)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e-3
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def peak_memory_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated above the memory held before the call"
+    return "torch.profiler memory events (torch's CPU allocations; native scratch memory is not seen)"
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Bytes allocated by one call at its peak, above what was held before it (the inputs are not counted).
+
+    The CPU allocator keeps no statistics and RSS only ever rises, so on CPU the torch profiler's
+    allocation events are summed in order; None if this torch's profiler does not expose them.
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del result
+        return peak
+    with (
+        _stderr_silenced(),
+        torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        ) as profile,
+    ):
+        result = fn()
+        del result  # inside the profile: the frees must be seen with the allocations
+    results = getattr(profile.profiler, "kineto_results", None)
+    if results is None:
+        return None
+    events = sorted((e for e in results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    held = peak = 0
+    for event in events:
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Kineto writes profiler start/stop lines straight to file descriptor 2, and no setting stops it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int, policy: TimingPolicy) -> CopyBandwidth:
+    """Bandwidth of a plain copy of `nbytes` (large enough to leave the caches, by default 256 MiB)."""
+    source = torch.rand(max(nbytes // 4, 1), device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)  # fault the target's pages in: the preallocated copy must not pay for them
+    moved = 2 * source.numel() * source.element_size()
+    preallocated = time_call(lambda: target.copy_(source), device, policy)
+    fresh = time_call(source.clone, device, policy)
+    return CopyBandwidth(
+        moved // 2, moved / (preallocated.median_ms * 1e-3) / 1e9, moved / (fresh.median_ms * 1e-3) / 1e9
+    )
+
+
+def describe_machine(device: torch.device, threads: int) -> Machine:
+    cpu = _cpu_model()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    try:
+        triton_version: str | None = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = None
+    return Machine(
+        cpu=cpu,
+        cores=os.cpu_count() or 1,
+        threads=threads,
+        device=str(device),
+        device_name=device_name,
+        torch=torch.__version__,
+        triton=triton_version,
+        zfkernels=zfkernels.__version__,
+        python=platform.python_version(),
+        platform=platform.platform(),
+        peak_memory_method=peak_memory_method(device),
+        load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    )
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def measure_cell(built: BuiltCase, provider: str, policy: TimingPolicy) -> Cell:
+    """Verify `provider` against the reference, then time it and take its peak memory.
+
+    A provider that raises, or whose result differs from the reference, gets a cell that says so and no
+    timing: the suite must keep going when one kernel is broken, but never time it.
+    """
+    case = built.case
+    cell = Cell(case.op, case.shape, case.mode, case.dtype, provider, OK, bytes_moved=built.bytes_moved)
+    try:
+        built.expected()
+    except Exception as error:  # the reference itself failed: no provider can be checked
+        cell.status, cell.message = ERROR, f"reference failed: {_one_line(error)}"
+        return cell
+    try:
+        with built.scope(provider):
+            call = built.call(provider)
+            mismatch = built.mismatch(call.comparable(call.run()))
+            if mismatch is not None:
+                cell.status, cell.message = FAILED, mismatch
+                return cell
+            cell.timing = time_call(call.run, built.device, policy)
+            cell.peak_memory_bytes = peak_memory(call.run, built.device)
+    except Exception as error:  # reported in the table, so that the other cells still run
+        cell.status, cell.message, cell.timing = ERROR, _one_line(error), None
+        if built.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return cell
+
+
+def run_cases(cases: Sequence[Case], settings: Settings, progress: bool = True) -> BenchRun:
+    """Measure every provider on every case, after the copy bandwidth; one progress bar over all cells."""
+    started = time.perf_counter()
+    device = torch.device(settings.device)
+    torch.set_num_threads(settings.threads)
+    run = BenchRun(
+        machine=describe_machine(device, settings.threads),
+        settings=settings,
+        copy=measure_copy_bandwidth(device, settings.copy_mib << 20, settings.policy),
+        cases={},
+    )
+    plan = [(case, providers_for(case, device, settings.providers)) for case in cases]
+    with tqdm(
+        total=sum(len(providers) for _, providers in plan),
+        disable=None if progress else True,  # None: drawn on a terminal, left out of logs
+        unit="cell",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    ) as bar:
+        for case, providers in plan:
+            built = case.build(settings.batch, device, settings.image_size)
+            run.cases[case.id] = built.workload.shapes
+            for provider in providers:
+                bar.set_description(f"{case.id} {provider}")
+                run.cells.append(measure_cell(built, provider, settings.policy))
+                bar.update()
+            del built  # free this case's inputs before the next case allocates its own
+    run.wall_s = time.perf_counter() - started
+    return run

@@ -1,0 +1,268 @@
+"""The `zfkernels` command: `zfkernels bench` (the package's main job) and `zfkernels info`.
+
+Mistakes in what is asked for (an unknown op, a device this machine lacks, an output directory that cannot
+be written) end in one line on stderr and exit status 2, never a traceback. `bench` exits 1 when a
+zfkernels backend fails its check against the reference or raises, or when `--compare` finds a regression.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import runpy
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .bench import report
+from .bench.cases import (
+    DEFAULT_IMAGE_SIZE,
+    DTYPES,
+    MODES,
+    OPS,
+    STOCK_PROVIDERS,
+    Case,
+    backend_providers,
+    select_cases,
+)
+from .bench.runner import OK, Settings, TimingPolicy, run_cases
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A request the bench cannot honour; its message is the one line the user sees."""
+
+
+def _comma_list(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number above 1, got {text!r}") from None
+    if not value > 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number above 1 (1.10 = 10%% slower), got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zfkernels", description="Fast, exact Zeiler & Fergus deconvnet kernels."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{bench,info}")
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark the ops against stock PyTorch (eager and torch.compile) at ZFNet shapes",
+        description="Benchmark every zfkernels op against stock PyTorch eager and torch.compile at the "
+        "shapes of ZFNet's five layers. Each provider's result is checked against the reference before it "
+        "is timed.",
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="batch 8, short timing, no torch.compile or reference backend unless --providers names them "
+        "(under 2 minutes on a 2-core CPU)",
+    )
+    bench.add_argument(
+        "--ops",
+        type=_comma_list,
+        help="comma-separated ops (pool, unpool, relu, conv_transpose, ...); default all",
+    )
+    bench.add_argument("--shapes", type=_comma_list, help="ZFNet layers L1..L5, comma-separated; default all")
+    bench.add_argument(
+        "--modes",
+        type=_comma_list,
+        help="forward, backward, full or all; default each op's own (pool and relu forward+backward, "
+        "the others forward)",
+    )
+    bench.add_argument("--dtype", type=_comma_list, default=["fp32"], help="fp32, bf16 or both; default fp32")
+    bench.add_argument("--device", help="cpu or cuda[:N]; default cuda when present, else cpu")
+    bench.add_argument("--batch", type=_positive_int, help="batch size; default 32 (8 with --quick)")
+    bench.add_argument(
+        "--repeats",
+        type=_positive_int,
+        help="timed calls per cell; default: as many as fit in about a second",
+    )
+    bench.add_argument(
+        "--providers",
+        type=_comma_list,
+        help="eager, compile and zfkernels backends (cpu, reference, ...); default eager, compile and every "
+        "backend that runs on the device",
+    )
+    bench.add_argument("--output", type=Path, default=Path("bench-results"), help="directory for the report")
+    bench.add_argument(
+        "--compare", type=Path, metavar="OLD.json", help="show the change against a stored run"
+    )
+    bench.add_argument(
+        "--threshold",
+        type=_ratio,
+        default=1.10,
+        help="with --compare: exit 1 when a cell's median exceeds this times the old one (default 1.10)",
+    )
+    bench.add_argument("--threads", type=_positive_int, help="CPU threads to pin; default torch's own count")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    commands.add_parser("info", help="versions, backends and what was built")
+    return parser
+
+
+def _resolve_device(requested: str | None) -> str:
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UsageError(f"unknown device {requested!r}; choose cpu or cuda") from None
+    if device.type == "cpu":
+        return "cpu"
+    if device.type != "cuda":
+        raise UsageError(f"device {requested!r} is not supported; choose cpu or cuda")
+    if not torch.cuda.is_available():
+        raise UsageError(f"device {requested!r} is not available: torch {torch.__version__} sees no CUDA GPU")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(
+            f"device {requested!r} is not available: {torch.cuda.device_count()} CUDA GPU(s) here"
+        )
+    return str(device)
+
+
+def _check_writable(directory: Path) -> None:
+    """Fail before the run, not after minutes of measuring, when the report could not be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise UsageError(
+            f"cannot write to output directory {str(directory)!r}: {error.strerror or error}"
+        ) from None
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[Case], Settings]:
+    """The cases and settings `bench` was asked for, checked before anything is measured."""
+    try:
+        selected = select_cases(
+            args.ops,
+            args.shapes,
+            MODES if args.modes == ["all"] else args.modes,
+            list(DTYPES) if args.dtype == ["all"] else args.dtype,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if not selected:
+        where = "; ".join(f"{op} at {', '.join(OPS[op].layers)}" for op in args.ops or OPS)
+        raise UsageError(f"no case at shapes {', '.join(args.shapes)}: {where}")
+    device = _resolve_device(args.device)
+    providers = args.providers
+    if providers is not None:
+        known = [*STOCK_PROVIDERS, *backend_providers(device)]
+        unknown = [p for p in providers if p not in known]
+        if unknown:
+            names = ", ".join(map(repr, unknown))
+            raise UsageError(f"provider {names} does not run on {device}; choose from {', '.join(known)}")
+    elif args.quick:  # compiling alone takes minutes on 2 cores, and the reference is the slow floor
+        providers = ["eager", *(p for p in backend_providers(device) if p != "reference")]
+    settings = Settings(
+        device=device,
+        batch=args.batch or (8 if args.quick else 32),
+        image_size=DEFAULT_IMAGE_SIZE,
+        threads=args.threads or torch.get_num_threads(),
+        providers=providers,
+        policy=TimingPolicy(repeats=args.repeats, budget_s=0.15, min_repeats=3)
+        if args.quick
+        else TimingPolicy(repeats=args.repeats),
+        copy_mib=64 if args.quick else 256,
+    )
+    return selected, settings
+
+
+def _bench(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    selected, settings = _plan(args)
+    old = None
+    if args.compare is not None:
+        try:
+            old = report.load_run(args.compare)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"cannot use --compare {str(args.compare)!r}: {error}") from None
+    _check_writable(args.output)
+    # Inductor warns on every compile that a CPU-only machine has no CUDA runtime: true, and noise here.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    print(
+        f"zfkernels bench: {len(selected)} cases on {settings.device}, batch {settings.batch}, "
+        f"CPU threads: {settings.threads}",
+        flush=True,
+    )
+    run = run_cases(selected, settings, progress=not args.no_progress)
+    print(report.format_header(run))
+    print(report.format_table(run))
+    try:
+        written, chart_skipped_because = report.write_outputs(run, args.output)
+    except OSError as error:
+        reason = error.strerror or error
+        raise UsageError(f"cannot write the report to {str(args.output)!r}: {reason}") from None
+    print(f"wrote {', '.join(str(path) for path in written)}")
+    if chart_skipped_because is not None:
+        print(f"chart skipped: {chart_skipped_because}")
+    print(f"wall time {time.perf_counter() - started:.0f} s ({run.wall_s:.0f} s measuring)")
+    status = EXIT_OK
+    broken = [c for c in run.cells if c.status != OK and c.provider not in STOCK_PROVIDERS]
+    if broken:
+        print(f"{len(broken)} zfkernels cell(s) failed the reference check or raised", file=sys.stderr)
+        status = EXIT_FAILED
+    if old is not None:
+        changes = report.compare_runs(old, run, args.threshold)
+        print(f"\ncompared with {args.compare}:")
+        print(report.format_comparison(changes, args.threshold, report.run_differences(old, run)))
+        if any(change.regressed for change in changes):
+            status = EXIT_FAILED
+    return status
+
+
+def _info() -> int:
+    """`python -m zfkernels.info` where that module exists; otherwise the essentials, from here."""
+    if importlib.util.find_spec("zfkernels.info") is not None:
+        runpy.run_module("zfkernels.info", run_name="__main__", alter_sys=True)
+        return EXIT_OK
+    import zfkernels
+    from zfkernels import _extension
+
+    print(f"zfkernels {zfkernels.__version__}, torch {torch.__version__}, CUDA: {torch.cuda.is_available()}")
+    print(f"backends: {', '.join(zfkernels.available_backends())}")
+    print(
+        "C++ extension: "
+        + ("loaded" if _extension.cpu_module is not None else f"missing ({_extension.cpu_error})")
+    )
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _bench(args) if args.command == "bench" else _info()
+    except UsageError as error:
+        print(f"zfkernels {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"zfkernels {args.command}: interrupted", file=sys.stderr)
+        return 130
