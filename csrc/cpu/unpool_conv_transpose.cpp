@@ -11,7 +11,7 @@
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
 #include "cpu/switch_decoder.h"
-#include "cpu/taps.h"
+#include "kernels/conv_transpose.h"
 
 namespace zfk::cpu {
 namespace {
@@ -82,37 +82,64 @@ int64_t build_sparse(const T* values, const S* switches, int64_t in_channels, co
   return invalid;
 }
 
-// Output-stationary gather for one image: a block of kVecs vectors of output channels stays in
-// registers while the taps and their sparse entries stream by. Weights are [kh][kw][in][out_padded].
+// One image, tap by tap: for kernel tap (kh, kw) and unpooled position t, a block of kVecs vectors of
+// output channels sums t's sparse entries against the tap's weights in registers, then adds into the
+// output pixel t reaches through that tap. Going tap by tap keeps the tap's weights ([in][out_padded],
+// ~100 KB at ZFNet's layer 2) in L2 while every position streams past. `pixels` is a channels-last
+// accumulator [out_h * out_w][out_padded], transposed into the NCHW output at the end.
 template <int kVecs, typename T, typename C>
-ZFK_VECTORIZED void gather_image(const SparseUnpooled<C>& sparse, const C* weights, int64_t in_channels,
-                                 int64_t out_channels, int64_t out_padded, const ConvTransposeGeometry& g,
-                                 const std::vector<std::vector<Tap>>& row_taps,
-                                 const std::vector<std::vector<Tap>>& col_taps, T* out) {
+ZFK_VECTORIZED void scatter_image(const SparseUnpooled<C>& sparse, const C* weights, int64_t in_channels,
+                                  int64_t out_channels, int64_t out_padded, const ConvTransposeGeometry& g,
+                                  C* pixels, T* out) {
   using V = typename Simd<C>::Vec;
   constexpr int L = Simd<C>::kLanes, kBlock = kVecs * L;
   const int64_t out_plane = g.out_h * g.out_w;
-  for (int64_t oy = 0; oy < g.out_h; ++oy) {
-    for (int64_t ox = 0; ox < g.out_w; ++ox) {
-      for (int64_t co0 = 0; co0 < out_padded; co0 += kBlock) {
-        V acc[kVecs] = {};
-        for (const Tap& r : row_taps[oy]) {
-          for (const Tap& c : col_taps[ox]) {
-            const int64_t t = r.source * g.in_w + c.source;
-            const C* tap = weights + (r.k * g.kernel_w + c.k) * in_channels * out_padded + co0;
-            for (int64_t e = sparse.offsets[t]; e < sparse.offsets[t + 1]; ++e) {
-              const V u = V{} + sparse.entries[e].value;
-              const C* w = tap + sparse.entries[e].channel * out_padded;
+  std::fill(pixels, pixels + out_plane * out_padded, C(0));
+  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+    for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+      const C* tap = weights + (kh * g.kernel_w + kw) * in_channels * out_padded;
+      for (int64_t iy = 0; iy < g.in_h; ++iy) {
+        const int64_t oy = iy * g.stride_h - g.pad_h + kh * g.dilation_h;
+        if (oy < 0 || oy >= g.out_h) continue;
+        for (int64_t ix = 0; ix < g.in_w; ++ix) {
+          const int64_t ox = ix * g.stride_w - g.pad_w + kw * g.dilation_w;
+          const int64_t t = iy * g.in_w + ix;
+          if (ox < 0 || ox >= g.out_w || sparse.offsets[t] == sparse.offsets[t + 1]) continue;
+          const Entry<C>* first = sparse.entries.data() + sparse.offsets[t];
+          const Entry<C>* end = sparse.entries.data() + sparse.offsets[t + 1];
+          C* pixel = pixels + (oy * g.out_w + ox) * out_padded;
+          for (int64_t co0 = 0; co0 < out_padded; co0 += kBlock) {
+            // Two accumulator sets take alternate entries: one would wait on the FMA latency every entry.
+            V acc[kVecs] = {}, acc_odd[kVecs] = {};
+            const Entry<C>* e = first;
+            for (; e + 1 < end; e += 2) {
+              const V u = V{} + e[0].value, u_odd = V{} + e[1].value;
+              const C* w = tap + e[0].channel * out_padded + co0;
+              const C* w_odd = tap + e[1].channel * out_padded + co0;
+#pragma GCC unroll 8
+              for (int v = 0; v < kVecs; ++v) {
+                acc[v] += u * load_vec<V>(w + v * L);
+                acc_odd[v] += u_odd * load_vec<V>(w_odd + v * L);
+              }
+            }
+            if (e < end) {
+              const V u = V{} + e->value;
+              const C* w = tap + e->channel * out_padded + co0;
 #pragma GCC unroll 8
               for (int v = 0; v < kVecs; ++v) acc[v] += u * load_vec<V>(w + v * L);
             }
+#pragma GCC unroll 8
+            for (int v = 0; v < kVecs; ++v) {
+              C* dst = pixel + co0 + v * L;
+              store_vec(dst, load_vec<V>(dst) + acc[v] + acc_odd[v]);
+            }
           }
         }
-        const int64_t n = std::min<int64_t>(kBlock, out_channels - co0);
-        for (int64_t j = 0; j < n; ++j) store(out + (co0 + j) * out_plane + oy * g.out_w + ox, acc[j / L][j % L]);
       }
     }
   }
+  for (int64_t co = 0; co < out_channels; ++co)
+    for (int64_t p = 0; p < out_plane; ++p) store(out + co * out_plane + p, pixels[p * out_padded + co]);
 }
 
 template <typename T, typename S, int kVecs>
@@ -133,16 +160,15 @@ int64_t launch(const void* values, const void* switches, const void* weight, voi
   const int64_t pooled = pool.out_h * pool.out_w, out_image = out_channels * g.out_h * g.out_w;
   std::vector<int64_t> invalid(std::max<int64_t>(batch, 1), 0);
   const SwitchDecoder<S> decoder(pool);
-  const auto row_taps = taps_for(g.out_h, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h, g.in_h);
-  const auto col_taps = taps_for(g.out_w, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w, g.in_w);
   parallel_for(batch, num_threads, out_image * in_channels, [&](int64_t begin, int64_t end) {
     SparseUnpooled<C> sparse;
+    std::vector<C> pixels(g.out_h * g.out_w * out_padded);
     for (int64_t b = begin; b < end; ++b) {
       invalid[b] = build_sparse(static_cast<const T*>(values) + b * in_channels * pooled,
                                 static_cast<const S*>(switches) + b * in_channels * pooled, in_channels, pool, decoder,
                                 relu, sparse);
-      gather_image<kVecs, T>(sparse, weights.data(), in_channels, out_channels, out_padded, g, row_taps, col_taps,
-                             static_cast<T*>(output) + b * out_image);
+      scatter_image<kVecs, T>(sparse, weights.data(), in_channels, out_channels, out_padded, g, pixels.data(),
+                              static_cast<T*>(output) + b * out_image);
     }
   });
   int64_t total = 0;
@@ -161,16 +187,14 @@ int64_t unpool_conv_transpose2d(const void* values, const void* switches, const 
     using T = decltype(t);
     dispatch_switch(switch_type, [&](auto s) {
       using S = decltype(s);
-      // Block width: the widest (up to 8 vectors) that divides the output channels, so little of the
-      // zero padding is computed; narrow outputs take one vector.
+      // Block width: the widest (two sets of at most 6 accumulators fit the 16 vector registers) that divides
+      // the output channels, so little of the zero padding is computed; narrow outputs take one vector.
       constexpr int L = Simd<compute_t<T>>::kLanes;
       const auto run = [&](auto vecs) {
         invalid = launch<T, S, decltype(vecs)::value>(values, switches, weight, output, batch, in_channels,
                                                         out_channels, pool, g, relu, num_threads);
       };
-      if (out_channels % (8 * L) == 0) {
-        run(std::integral_constant<int, 8>{});
-      } else if (out_channels % (6 * L) == 0) {
+      if (out_channels % (6 * L) == 0) {
         run(std::integral_constant<int, 6>{});
       } else if (out_channels >= 4 * L) {
         run(std::integral_constant<int, 4>{});
