@@ -46,7 +46,7 @@ __attribute__((always_inline)) inline typename Simd<T>::Vec strided_lanes(const 
 // With the ReLU fused only the first element needs rectifying: once best >= 0 (or NaN), a negative
 // input loses exactly as its rectified zero would. Block 0 may load Forward (at the row start) while
 // the others load Back. Independent blocks interleave so their serial select chains overlap.
-template <int kStride, Load kLoad, Load kFirstLoad, bool kRelu, int kBlocks, typename T, typename S>
+template <int kStride, Load kLoad, Load kFirstLoad, bool kRelu, bool kNaN, int kBlocks, typename T, typename S>
 ZFK_VECTORIZED void window_block(const T* first_row, const PoolGeometry& g, int64_t kh_begin, int64_t kh_end, int n,
                                  T* values, S* switches) {
   using V = typename Simd<T>::Vec;
@@ -73,7 +73,7 @@ ZFK_VECTORIZED void window_block(const T* first_row, const PoolGeometry& g, int6
 #pragma GCC unroll 4
       for (int b = 0; b < kBlocks; ++b) {
         const V v = lanes(row + kw, b);
-        const I take = (v > best[b]) | (v != v);
+        const I take = kNaN ? (v > best[b]) | (v != v) : (v > best[b]);  // kNaN: the rows hold a NaN
         best[b] = take ? v : best[b];
         offset[b] = take ? here : offset[b];
       }
@@ -87,6 +87,23 @@ ZFK_VECTORIZED void window_block(const T* first_row, const PoolGeometry& g, int6
     }
     for (int j = 0; j < (kLoad == Load::Partial ? n : L); ++j) switches[b * L + j] = S(offset[b][j]);
   }
+}
+
+template <typename T>
+ZFK_VECTORIZED bool contains_nan(const T* data, int64_t n) {
+  using V = typename Simd<T>::Vec;
+  using I = typename Simd<T>::Int;
+  constexpr int L = Simd<T>::kLanes;
+  I any = I{};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const V v = load_vec<V>(data + i);
+    any |= (v != v);
+  }
+  bool nan = false;
+  for (int j = 0; j < L; ++j) nan |= any[j] != 0;
+  for (; i < n; ++i) nan |= data[i] != data[i];
+  return nan;
 }
 
 template <int kStride, bool kRelu, typename T, typename S>
@@ -103,6 +120,9 @@ void pool_plane_vectorized(const T* plane, const PoolGeometry& g, T* values, S* 
   // that block's last window column when s = 2: allowed only if the row still has it.
   const bool forward_fits = kStride == 1 || (blocks * L - 1) * kStride + g.kernel_w < g.in_w;
   const bool grouped = span >= L && forward_fits;
+  // A plane free of NaN (the usual case) skips the NaN test in the windows' inner loop: one vector
+  // pass over the plane costs less than that test in every window.
+  const bool nan = contains_nan(plane, g.in_h * g.in_w);
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
     T* value_row = values + oh * g.out_w;
     S* switch_row = switches + oh * g.out_w;
@@ -115,22 +135,24 @@ void pool_plane_vectorized(const T* plane, const PoolGeometry& g, T* values, S* 
         const int64_t start = std::min(ow, ow_hi - blocks * L);
         const bool at_row_start = start * kStride - g.pad_w == 0;
         const T* origin = first_row + start * kStride;
-        if (blocks == 4) {
-          at_row_start ? window_block<kStride, Load::Back, Load::Forward, kRelu, 4>(origin, g, kh_begin, kh_end, L,
-                                                                                     value_row + start, switch_row + start)
-                       : window_block<kStride, Load::Back, Load::Back, kRelu, 4>(origin, g, kh_begin, kh_end, L,
-                                                                                  value_row + start, switch_row + start);
-        } else {
-          at_row_start ? window_block<kStride, Load::Back, Load::Forward, kRelu, 1>(origin, g, kh_begin, kh_end, L,
-                                                                                     value_row + start, switch_row + start)
-                       : window_block<kStride, Load::Back, Load::Back, kRelu, 1>(origin, g, kh_begin, kh_end, L,
-                                                                                  value_row + start, switch_row + start);
-        }
+        const auto run = [&](auto first_load, auto with_nan, auto group) {
+          window_block<kStride, Load::Back, decltype(first_load)::value, kRelu, decltype(with_nan)::value,
+                       decltype(group)::value>(origin, g, kh_begin, kh_end, L, value_row + start, switch_row + start);
+        };
+        const auto with_blocks = [&](auto first_load, auto with_nan) {
+          blocks == 4 ? run(first_load, with_nan, std::integral_constant<int, 4>{})
+                      : run(first_load, with_nan, std::integral_constant<int, 1>{});
+        };
+        const auto with_nan = [&](auto first_load) {
+          nan ? with_blocks(first_load, std::true_type{}) : with_blocks(first_load, std::false_type{});
+        };
+        at_row_start ? with_nan(std::integral_constant<Load, Load::Forward>{})
+                     : with_nan(std::integral_constant<Load, Load::Back>{});
         if (start + blocks * L >= ow_hi) break;
       }
     } else if (span > 0) {
       for (int64_t ow = ow_lo; ow < ow_hi; ow += L) {
-        window_block<kStride, Load::Partial, Load::Partial, kRelu, 1>(first_row + ow * kStride, g, kh_begin, kh_end,
+        window_block<kStride, Load::Partial, Load::Partial, kRelu, true, 1>(first_row + ow * kStride, g, kh_begin, kh_end,
                                                                       int(std::min<int64_t>(L, ow_hi - ow)),
                                                                       value_row + ow, switch_row + ow);
       }
