@@ -19,10 +19,10 @@ ZFK_VECTORIZED void relu_plane(T* data, int64_t n) {
 
 // One plane: zero a cache-resident accumulator, add each value at its switch target in row-major
 // window order (the order kernels/max_unpool.h's gather sums in, so both agree bit for bit), rectify,
-// then stream the plane out (half types round once here). Returns the invalid switches seen (skipped).
+// then copy the plane out (half types round once here). Returns the invalid switches seen (skipped).
 template <typename T, typename S>
 int64_t unpool_plane(const T* values, const S* switches, const PoolGeometry& g, const SwitchDecoder<S>& decoder,
-                     bool relu, T* out, std::vector<compute_t<T>>& acc) {
+                     bool relu, bool stream, T* out, std::vector<compute_t<T>>& acc) {
   using C = compute_t<T>;
   const int64_t in_plane = g.in_h * g.in_w;
   std::fill(acc.begin(), acc.end(), C(0));
@@ -36,7 +36,11 @@ int64_t unpool_plane(const T* values, const S* switches, const PoolGeometry& g, 
   });
   if (relu) relu_plane(acc.data(), in_plane);
   if constexpr (std::is_same_v<C, T>) {
-    stream_copy(out, acc.data(), in_plane);
+    if (stream) {
+      stream_copy(out, acc.data(), in_plane);
+    } else {
+      std::copy(acc.begin(), acc.end(), out);
+    }
   } else {
     for (int64_t i = 0; i < in_plane; ++i) store(out + i, acc[i]);
   }
@@ -54,12 +58,15 @@ int64_t max_unpool2d(const void* values, const void* switches, void* output, DTy
       using S = decltype(s);
       const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
       const SwitchDecoder<S> decoder(g);
+      // Stream past the cache only an output far larger than it: a smaller one is better left in cache
+      // for its reader, and small planes would leave partial lines that stall the write-combining buffers.
+      const bool stream = planes * in_plane * int64_t(sizeof(T)) >= (int64_t(64) << 20) && in_plane >= 1024;
       parallel_for(planes, num_threads, in_plane, [&](int64_t begin, int64_t end) {
         std::vector<compute_t<T>> acc(in_plane);
         for (int64_t p = begin; p < end; ++p) {
           invalid_per_plane[p] =
               unpool_plane(static_cast<const T*>(values) + p * out_plane, static_cast<const S*>(switches) + p * out_plane,
-                           g, decoder, relu, static_cast<T*>(output) + p * in_plane, acc);
+                           g, decoder, relu, stream, static_cast<T*>(output) + p * in_plane, acc);
         }
         stream_fence();
       });
