@@ -23,7 +23,7 @@ ZFK_VECTORIZED void direct_image(const T* input, const T* weights, const T* bias
   constexpr int L = Simd<T>::kLanes, kChunk = kVecs * L;
   for (int64_t c = 0; c < in_channels; ++c) {
     for (int64_t y = 0; y < g.in_h; ++y) {
-      T* dst = padded + (c * g.in_h + y) * padded_w;
+      T* dst = padded + (y * in_channels + c) * padded_w;  // [y][c][x]: one input row of every channel together
       std::fill(dst, dst + padded_w, T(0));
       std::copy(input + (c * g.in_h + y) * g.in_w, input + (c * g.in_h + y + 1) * g.in_w, dst + halo);
     }
@@ -42,12 +42,12 @@ ZFK_VECTORIZED void direct_image(const T* input, const T* weights, const T* bias
             if (((tx % g.stride_w) + g.stride_w) % g.stride_w != 0) continue;
             const int64_t shift = (tx >= 0 ? tx / g.stride_w : -((-tx) / g.stride_w)) + halo + m0;
             const T* w = weights + (kh * g.kernel_w + kw) * in_channels * kOut;  // [tap][c][out]
-            const T* x = padded + iy * padded_w + shift;
-            for (int64_t c = 0; c < in_channels; ++c, x += g.in_h * padded_w, w += kOut) {
+            const T* x = padded + iy * in_channels * padded_w + shift;
+            for (int64_t c = 0; c < in_channels; ++c, x += padded_w, w += kOut) {
               V xv[kVecs];
               for (int v = 0; v < kVecs; ++v) xv[v] = load_vec<V>(x + v * L);
               for (int o = 0; o < kOut; ++o) {
-                const V wv = V{} + w[o];
+                const V wv = broadcast<V>(w[o]);
                 for (int v = 0; v < kVecs; ++v) acc[o][v] += wv * xv[v];
               }
             }

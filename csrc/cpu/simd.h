@@ -37,6 +37,15 @@ __attribute__((always_inline)) inline V load_vec(const T* p) {
   std::memcpy(&v, p, sizeof(V));  // compiles to one unaligned load
   return v;
 }
+// Every lane set to x, as one broadcast instruction. (`V{} + x` would cost a real add, since 0 + x is not
+// x for x = -0.0, and a per-lane loop compiles to a chain of inserts.)
+template <typename V, typename T>
+__attribute__((always_inline)) inline V broadcast(T x) {
+  V v = {};
+  v[0] = x;
+  return __builtin_shuffle(v, typename Simd<T>::Int{});
+}
+
 template <typename V, typename T>
 __attribute__((always_inline)) inline void store_vec(T* p, V v) {
   std::memcpy(p, &v, sizeof(V));

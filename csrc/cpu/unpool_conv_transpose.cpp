@@ -113,7 +113,7 @@ ZFK_VECTORIZED void scatter_image(const SparseUnpooled<C>& sparse, const C* weig
             V acc[kVecs] = {}, acc_odd[kVecs] = {};
             const Entry<C>* e = first;
             for (; e + 1 < end; e += 2) {
-              const V u = V{} + e[0].value, u_odd = V{} + e[1].value;
+              const V u = broadcast<V>(e[0].value), u_odd = broadcast<V>(e[1].value);
               const C* w = tap + e[0].channel * out_padded + co0;
               const C* w_odd = tap + e[1].channel * out_padded + co0;
 #pragma GCC unroll 8
@@ -123,7 +123,7 @@ ZFK_VECTORIZED void scatter_image(const SparseUnpooled<C>& sparse, const C* weig
               }
             }
             if (e < end) {
-              const V u = V{} + e->value;
+              const V u = broadcast<V>(e->value);
               const C* w = tap + e->channel * out_padded + co0;
 #pragma GCC unroll 8
               for (int v = 0; v < kVecs; ++v) acc[v] += u * load_vec<V>(w + v * L);
