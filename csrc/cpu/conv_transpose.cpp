@@ -28,26 +28,40 @@ ZFK_VECTORIZED void direct_image(const T* input, const T* weights, const T* bias
       std::copy(input + (c * g.in_h + y) * g.in_w, input + (c * g.in_h + y + 1) * g.in_w, dst + halo);
     }
   }
+  // Taps that reach each output row (kernel row, input row) and each column residue r (kernel column,
+  // input-column shift), listed once so the hot loops never test parity or divide.
+  struct Tap {
+    int64_t k, offset;
+  };
+  std::vector<std::vector<Tap>> row_taps(g.out_h), column_taps(g.stride_w);
+  for (int64_t oy = 0; oy < g.out_h; ++oy) {
+    for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+      const int64_t ty = oy + g.pad_h - kh;
+      if (ty >= 0 && ty % g.stride_h == 0 && ty / g.stride_h < g.in_h) row_taps[oy].push_back({kh, ty / g.stride_h});
+    }
+  }
+  for (int64_t r = 0; r < g.stride_w; ++r) {
+    for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+      const int64_t tx = r + g.pad_w - kw;  // ix = m + tx / stride when divisible
+      const int64_t shift = tx >= 0 ? tx / g.stride_w : -((-tx) / g.stride_w);
+      if (tx - shift * g.stride_w == 0) column_taps[r].push_back({kw, shift + halo});
+    }
+  }
   for (int64_t oy = 0; oy < g.out_h; ++oy) {
     for (int64_t r = 0; r < g.stride_w && r < g.out_w; ++r) {
       const int64_t columns = (g.out_w - r + g.stride_w - 1) / g.stride_w;  // ox = r, r + stride, ...
       for (int64_t m0 = 0; m0 < columns; m0 += kChunk) {
         V acc[kOut][kVecs] = {};
-        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-          const int64_t ty = oy + g.pad_h - kh;
-          if (ty < 0 || ty % g.stride_h != 0 || ty / g.stride_h >= g.in_h) continue;
-          const int64_t iy = ty / g.stride_h;
-          for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
-            const int64_t tx = r + g.pad_w - kw;  // ix = m + tx / stride when divisible
-            if (((tx % g.stride_w) + g.stride_w) % g.stride_w != 0) continue;
-            const int64_t shift = (tx >= 0 ? tx / g.stride_w : -((-tx) / g.stride_w)) + halo + m0;
-            const T* w = weights + (kh * g.kernel_w + kw) * in_channels * kOut;  // [tap][c][out]
-            const T* x = padded + iy * in_channels * padded_w + shift;
-            for (int64_t c = 0; c < in_channels; ++c, x += padded_w, w += kOut) {
+        for (const Tap& row : row_taps[oy]) {
+          for (const Tap& column : column_taps[r]) {
+            // [tap][c][out][lane]: each weight stored already broadcast, so it feeds the FMA as a plain load.
+            const T* w = weights + (row.k * g.kernel_w + column.k) * in_channels * kOut * L;
+            const T* x = padded + row.offset * in_channels * padded_w + column.offset + m0;
+            for (int64_t c = 0; c < in_channels; ++c, x += padded_w, w += kOut * L) {
               V xv[kVecs];
               for (int v = 0; v < kVecs; ++v) xv[v] = load_vec<V>(x + v * L);
               for (int o = 0; o < kOut; ++o) {
-                const V wv = broadcast<V>(w[o]);
+                const V wv = load_vec<V>(w + o * L);
                 for (int v = 0; v < kVecs; ++v) acc[o][v] += wv * xv[v];
               }
             }
@@ -72,10 +86,11 @@ void direct_launch(const T* input, const T* weight, const T* bias, T* output, in
   // Accumulators, input vectors and one weight broadcast must fit the 16 vector registers.
   constexpr int L = Simd<T>::kLanes, kVecs = std::min(4, 15 / (kOut + 1)), kChunk = kVecs * L;
   const int64_t taps = g.kernel_h * g.kernel_w;
-  std::vector<T> weights(taps * in_channels * kOut);  // [tap][c][out]
+  std::vector<T> weights(taps * in_channels * kOut * L);  // [tap][c][out][lane], each weight broadcast
   for (int64_t c = 0; c < in_channels; ++c)
     for (int o = 0; o < kOut; ++o)
-      for (int64_t k = 0; k < taps; ++k) weights[(k * in_channels + c) * kOut + o] = weight[(c * kOut + o) * taps + k];
+      for (int64_t k = 0; k < taps; ++k)
+        std::fill_n(weights.begin() + ((k * in_channels + c) * kOut + o) * L, L, weight[(c * kOut + o) * taps + k]);
   // Halo: the farthest input column a chunk reads left of 0 or right of in_w, plus a chunk of slack.
   const int64_t reach = (g.kernel_w + g.pad_w) / g.stride_w + 1;
   const int64_t halo = reach + 1, padded_w = halo + g.in_w + reach + kChunk + 1;
