@@ -114,6 +114,9 @@ def relu_backward(grad, output, rule: int):
     return out
 
 
+_DIRECT_MAX_OUT_CHANNELS = 4  # csrc/cpu/conv_transpose.cpp instantiates 1 to 4
+
+
 def conv_transpose2d(
     input, weight, bias, stride: Pair, padding: Pair, output_padding: Pair, groups: int, dilation: Pair
 ):
@@ -125,7 +128,7 @@ def conv_transpose2d(
     c_out = out_per_group * groups
     out_h = (h - 1) * stride[0] - 2 * padding[0] + dilation[0] * (k_h - 1) + output_padding[0] + 1
     out_w = (w - 1) * stride[1] - 2 * padding[1] + dilation[1] * (k_w - 1) + output_padding[1] + 1
-    if groups == 1 and n > 0:
+    if groups == 1 and n > 0 and c_out <= _DIRECT_MAX_OUT_CHANNELS:
         out = huge_page_empty((n, c_out, out_h, out_w), x)
         wt = weight.contiguous()  # held in a name: a temporary's buffer could be freed before the call
         b = bias.contiguous() if bias is not None else None
@@ -142,7 +145,7 @@ def conv_transpose2d(
             (k_h, k_w, *stride, *padding, *dilation),
             _threads(),
         ):
-            return out
+            return out  # the kernel declines (returns False) other dtypes and dilations
     return reference.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
 
 
