@@ -55,10 +55,11 @@ PYBIND11_MODULE(_C, m) {
         },
         release);
   m.def("max_unpool2d",
-        [](Ptr values, Ptr switches, Ptr output, int dtype, int switch_type, int64_t planes,
+        [](Ptr values, Ptr switches, Ptr gate, Ptr output, int dtype, int switch_type, int64_t planes,
            std::array<int64_t, 4> sizes, Six params, bool relu, int threads) {
-          return zfk::cpu::max_unpool2d(cptr(values), cptr(switches), mptr(output), DType(dtype),
-                                        SwitchType(switch_type), planes, pool_geometry(sizes, params), relu, threads);
+          return zfk::cpu::max_unpool2d(cptr(values), cptr(switches), gate ? cptr(gate) : nullptr, mptr(output),
+                                        DType(dtype), SwitchType(switch_type), planes, pool_geometry(sizes, params),
+                                        relu, threads);
         },
         release);
   m.def("gather_switches",

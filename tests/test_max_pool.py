@@ -314,3 +314,37 @@ def test_switches_to_indices_bad_inputs(backend):
     padded[0, 0, 0, 0] = 0
     with pytest.raises(ValueError, match="switches"):
         zk.switches_to_indices(padded, (5, 5), 3, 2, 1)
+
+
+# ------------------------------------------------------------------------------- the backward op itself
+def _backward_samples():
+    g = torch.Generator().manual_seed(2)
+    samples = []
+    for x, kernel, stride, padding, ceil_mode, relu in _opcheck_samples()[:4]:
+        values, switches = zk.max_pool2d_switches(x.detach(), kernel, stride, padding, ceil_mode, relu=relu)
+        grad = tied(tuple(values.shape), values.dtype, g)
+        samples.append((grad, values, switches, kernel, stride, padding, list(x.shape[-2:]), relu))
+    return samples
+
+
+@pytest.mark.parametrize("sample", range(4))
+def test_backward_op_opcheck(backend, sample):
+    torch.library.opcheck(
+        torch.ops.zfkernels.max_pool2d_switches_backward.default, _backward_samples()[sample]
+    )
+
+
+def test_backward_gate_matches_relu_backward_with_nan_and_zeros(backend, gen):
+    # The fused ReLU gates the gradient by the pooled values as threshold_backward does: a value <= 0
+    # (including -0.0) blocks it, a NaN value lets it through.
+    x = tied((2, 3, 9, 9), torch.float32, gen)
+    x.view(-1)[::13] = float("nan")
+    x.view(-1)[5::11] = -0.0
+    values, switches = zk.max_pool2d_switches(x, 3, 2, 0, True, relu=True)
+    grad = tied(tuple(values.shape), torch.float32, gen)
+    fused = torch.ops.zfkernels.max_pool2d_switches_backward(
+        grad, values, switches, [3, 3], [2, 2], [0, 0], [9, 9], True
+    )
+    gated = zk.relu_backward(grad, values)
+    unfused = zk.max_unpool2d(gated, switches, 3, 2, 0, output_size=(9, 9))
+    assert_bitwise_equal(fused, unfused, "gated backward")

@@ -21,8 +21,8 @@ ZFK_VECTORIZED void relu_plane(T* data, int64_t n) {
 // window order (the order kernels/max_unpool.h's gather sums in, so both agree bit for bit), rectify,
 // then copy the plane out (half types round once here). Returns the invalid switches seen (skipped).
 template <typename T, typename S>
-int64_t unpool_plane(const T* values, const S* switches, const PoolGeometry& g, const SwitchDecoder<S>& decoder,
-                     bool relu, bool stream, T* out, std::vector<compute_t<T>>& acc) {
+int64_t unpool_plane(const T* values, const S* switches, const T* gate, const PoolGeometry& g,
+                     const SwitchDecoder<S>& decoder, bool relu, bool stream, T* out, std::vector<compute_t<T>>& acc) {
   using C = compute_t<T>;
   const int64_t in_plane = g.in_h * g.in_w;
   std::fill(acc.begin(), acc.end(), C(0));
@@ -30,7 +30,7 @@ int64_t unpool_plane(const T* values, const S* switches, const PoolGeometry& g, 
   decoder.for_each_target(switches, [&](int64_t p, int64_t t) {
     if (t < 0) {
       ++invalid;
-    } else {
+    } else if (!gate || !(load(gate + p) <= 0)) {  // a gated-off value adds +0, which changes no sum
       acc[t] += load(values + p);
     }
   });
@@ -49,8 +49,8 @@ int64_t unpool_plane(const T* values, const S* switches, const PoolGeometry& g, 
 
 }  // namespace
 
-int64_t max_unpool2d(const void* values, const void* switches, void* output, DType dtype, SwitchType switch_type,
-                     int64_t planes, const PoolGeometry& g, bool relu, int num_threads) {
+int64_t max_unpool2d(const void* values, const void* switches, const void* gate, void* output, DType dtype,
+                     SwitchType switch_type, int64_t planes, const PoolGeometry& g, bool relu, int num_threads) {
   std::vector<int64_t> invalid_per_plane(std::max<int64_t>(planes, 1), 0);
   dispatch_dtype(dtype, [&](auto t) {
     using T = decltype(t);
@@ -64,9 +64,10 @@ int64_t max_unpool2d(const void* values, const void* switches, void* output, DTy
       parallel_for(planes, num_threads, in_plane, [&](int64_t begin, int64_t end) {
         std::vector<compute_t<T>> acc(in_plane);
         for (int64_t p = begin; p < end; ++p) {
-          invalid_per_plane[p] =
-              unpool_plane(static_cast<const T*>(values) + p * out_plane, static_cast<const S*>(switches) + p * out_plane,
-                           g, decoder, relu, stream, static_cast<T*>(output) + p * in_plane, acc);
+          invalid_per_plane[p] = unpool_plane(
+              static_cast<const T*>(values) + p * out_plane, static_cast<const S*>(switches) + p * out_plane,
+              gate ? static_cast<const T*>(gate) + p * out_plane : nullptr, g, decoder, relu, stream,
+              static_cast<T*>(output) + p * in_plane, acc);
         }
         stream_fence();
       });

@@ -40,8 +40,10 @@ namespace cpu {
 // that were out of range for their window (skipped, never dereferenced) where it reads switches.
 void max_pool2d_switches(const void* input, void* values, void* switches, DType dtype, SwitchType switch_type,
                          int64_t planes, const PoolGeometry& g, bool relu, int num_threads);
-int64_t max_unpool2d(const void* values, const void* switches, void* output, DType dtype, SwitchType switch_type,
-                     int64_t planes, const PoolGeometry& g, bool relu, int num_threads);
+// `gate` (nullable): values whose gate is <= 0 are left out, as ReLU's backward does (max-pool's backward
+// with the ReLU fused, gated by the pooled values).
+int64_t max_unpool2d(const void* values, const void* switches, const void* gate, void* output, DType dtype,
+                     SwitchType switch_type, int64_t planes, const PoolGeometry& g, bool relu, int num_threads);
 int64_t gather_switches(const void* source, const void* switches, void* output, DType dtype, SwitchType switch_type,
                         int64_t planes, const PoolGeometry& g, int num_threads);
 void relu(const void* input, void* output, DType dtype, int64_t numel, int num_threads);

@@ -48,12 +48,25 @@ def max_pool2d_switches(
 
 
 def max_unpool2d(values, switches, kernel: Pair, stride: Pair, padding: Pair, output_size: Pair, relu: bool):
+    return _unpool(values, switches, None, kernel, stride, padding, output_size, relu)
+
+
+def max_pool2d_switches_backward(
+    grad, values, switches, kernel: Pair, stride: Pair, padding: Pair, input_size: Pair, relu: bool
+):
+    # The fused ReLU's gradient gate (pooled values > 0) is applied inside the unpool, in one pass.
+    return _unpool(grad, switches, values if relu else None, kernel, stride, padding, input_size, False)
+
+
+def _unpool(values, switches, gate, kernel: Pair, stride: Pair, padding: Pair, output_size: Pair, relu: bool):
     v, s = values.contiguous(), switches.contiguous()
+    g = gate.contiguous() if gate is not None else None
     n, c = v.shape[:2]
     out = huge_page_empty((n, c, *output_size), v)
     invalid = cpu_module.max_unpool2d(
         v.data_ptr(),
         s.data_ptr(),
+        0 if g is None else g.data_ptr(),
         out.data_ptr(),
         DTYPE_CODES[v.dtype],
         SWITCH_CODES[s.dtype],

@@ -45,12 +45,51 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_values, _grad_switches):
     values, switches = ctx.saved_tensors
     kernel_size, stride, padding, input_size = ctx.geometry
-    if ctx.relu:  # ReLU's gradient at the winner; its pooled value is the rectified input there
-        grad_values = torch.ops.zfkernels.relu_backward(grad_values, values, 0)
-    grad_input = torch.ops.zfkernels.max_unpool2d(
-        grad_values, switches, kernel_size, stride, padding, input_size, False
+    grad_input = torch.ops.zfkernels.max_pool2d_switches_backward(
+        grad_values, values, switches, kernel_size, stride, padding, input_size, ctx.relu
     )
     return grad_input, None, None, None, None, None
+
+
+@torch.library.custom_op("zfkernels::max_pool2d_switches_backward", mutates_args=())
+def _max_pool2d_switches_backward_op(
+    grad: Tensor,
+    values: Tensor,
+    switches: Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    input_size: list[int],
+    relu: bool,
+) -> Tensor:
+    """Max-pool's backward: unpool of the gradient (ReLU-gated by the pooled values when fused), one pass."""
+    return implementation(grad.device).max_pool2d_switches_backward(
+        grad, values, switches, tuple(kernel_size), tuple(stride), tuple(padding), tuple(input_size), relu
+    )
+
+
+@_max_pool2d_switches_backward_op.register_fake
+def _(grad, values, switches, kernel_size, stride, padding, input_size, relu):
+    return grad.new_empty((*grad.shape[:2], input_size[0], input_size[1]))
+
+
+def _backward_setup_context(ctx, inputs, output):
+    _, values, switches, kernel_size, stride, padding, _, relu = inputs
+    ctx.save_for_backward(values, switches)
+    ctx.geometry = (kernel_size, stride, padding)
+    ctx.relu = relu
+
+
+def _backward_backward(ctx, grad_grad_input):
+    # Linear in grad: its adjoint gathers at the switches, then applies the same ReLU gate.
+    values, switches = ctx.saved_tensors
+    grad_grad = torch.ops.zfkernels.gather_switches(grad_grad_input, switches, *ctx.geometry)
+    if ctx.relu:
+        grad_grad = torch.ops.zfkernels.relu_backward(grad_grad, values, 0)
+    return grad_grad, None, None, None, None, None, None, None
+
+
+_max_pool2d_switches_backward_op.register_autograd(_backward_backward, setup_context=_backward_setup_context)
 
 
 _max_pool2d_switches_op.register_autograd(_backward, setup_context=_setup_context)

@@ -72,6 +72,15 @@ def max_unpool2d(values, switches, kernel: Pair, stride: Pair, padding: Pair, ou
     return acc.to(values.dtype).view(n, c, *output_size)
 
 
+def max_pool2d_switches_backward(
+    grad, values, switches, kernel: Pair, stride: Pair, padding: Pair, input_size: Pair, relu: bool
+):
+    """The gradient of max_pool2d_switches: the pooled gradient unpooled, gated first by the fused ReLU."""
+    if relu:
+        grad = relu_backward(grad, values, 0)
+    return max_unpool2d(grad, switches, kernel, stride, padding, input_size, False)
+
+
 def gather_switches(source, switches, kernel: Pair, stride: Pair, padding: Pair):
     flat = _checked_targets(switches, tuple(source.shape[-2:]), kernel, stride, padding)
     return source.flatten(2).gather(2, flat.flatten(2)).view(switches.shape)
