@@ -143,25 +143,7 @@ def time_call(fn: Callable[[], object], device: torch.device, policy: TimingPoli
     Each call's result is dropped before the next, so allocation is part of the cost as in real use.
     The garbage collector is paused so a collection never lands inside a timed call.
     """
-    warmup_budget = policy.warmup_share * policy.budget_s
-    warmup_times: list[float] = []
-    while not warmup_times or (sum(warmup_times) < warmup_budget and len(warmup_times) < policy.min_repeats):
-        warmup_times.append(_timed_once(fn, device))
-    repeats = policy.repeats or min(
-        policy.max_repeats, max(policy.min_repeats, math.ceil(policy.budget_s / min(warmup_times)))
-    )
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        samples = [_timed_once(fn, device) for _ in range(repeats)]
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    samples_ms = [s * 1e3 for s in samples]
-    if len(samples_ms) == 1:
-        return Timing(samples_ms[0], samples_ms[0], samples_ms[0], 1)
-    deciles = statistics.quantiles(samples_ms, n=10, method="inclusive")
-    return Timing(statistics.median(samples_ms), deciles[1], deciles[7], repeats)
+    return time_side_by_side([fn], device, policy)[0]
 
 
 def _timed_once(fn: Callable[[], object], device: torch.device) -> float:
@@ -284,32 +266,99 @@ def _one_line(error: BaseException) -> str:
 
 
 def measure_cell(built: BuiltCase, provider: str, policy: TimingPolicy) -> Cell:
-    """Verify `provider` against the reference, then time it and take its peak memory.
+    """One provider of a case: see measure_case."""
+    return measure_case(built, [provider], policy)[0]
+
+
+def measure_case(built: BuiltCase, providers: Sequence[str], policy: TimingPolicy) -> list[Cell]:
+    """Verify every provider against the reference, then time the verified ones side by side.
 
     A provider that raises, or whose result differs from the reference, gets a cell that says so and no
-    timing: the suite must keep going when one kernel is broken, but never time it.
+    timing: the suite must keep going when one kernel is broken, but never time it. The verified
+    providers are timed in rounds, one call of each per round, so a machine whose speed drifts during
+    the case (a shared or throttled CPU) shifts every provider alike and leaves their ratios alone.
     """
     case = built.case
-    cell = Cell(case.op, case.shape, case.mode, case.dtype, provider, OK, bytes_moved=built.bytes_moved)
+    cells = [
+        Cell(case.op, case.shape, case.mode, case.dtype, p, OK, bytes_moved=built.bytes_moved)
+        for p in providers
+    ]
     try:
         built.expected()
     except Exception as error:  # the reference itself failed: no provider can be checked
-        cell.status, cell.message = ERROR, f"reference failed: {_one_line(error)}"
-        return cell
-    try:
-        with built.scope(provider):
-            call = built.call(provider)
-            mismatch = built.mismatch(call.comparable(call.run()))
+        for cell in cells:
+            cell.status, cell.message = ERROR, f"reference failed: {_one_line(error)}"
+        return cells
+    runners: dict[int, Callable[[], object]] = {}
+    for index, (provider, cell) in enumerate(zip(providers, cells, strict=True)):
+        try:
+            with built.scope(provider):
+                call = built.call(provider)
+                mismatch = built.mismatch(call.comparable(call.run()))
             if mismatch is not None:
                 cell.status, cell.message = FAILED, mismatch
-                return cell
-            cell.timing = time_call(call.run, built.device, policy)
-            cell.peak_memory_bytes = peak_memory(call.run, built.device)
-    except Exception as error:  # reported in the table, so that the other cells still run
-        cell.status, cell.message, cell.timing = ERROR, _one_line(error), None
-        if built.device.type == "cuda":
-            torch.cuda.empty_cache()
-    return cell
+            else:
+                runners[index] = _in_scope(built, provider, call.run)
+        except Exception as error:  # reported in the table, so that the other cells still run
+            cell.status, cell.message = ERROR, _one_line(error)
+            if built.device.type == "cuda":
+                torch.cuda.empty_cache()
+    try:
+        timings = time_side_by_side(list(runners.values()), built.device, policy)
+        for index, timing in zip(runners, timings, strict=True):
+            cells[index].timing = timing
+            cells[index].peak_memory_bytes = peak_memory(runners[index], built.device)
+    except Exception as error:  # a provider that passed its check but failed while timed
+        for index in runners:
+            cells[index].status, cells[index].message, cells[index].timing = ERROR, _one_line(error), None
+    return cells
+
+
+def _in_scope(built: BuiltCase, provider: str, run: Callable[[], object]) -> Callable[[], object]:
+    def scoped() -> object:
+        with built.scope(provider):
+            return run()
+
+    return scoped
+
+
+def time_side_by_side(
+    fns: Sequence[Callable[[], object]], device: torch.device, policy: TimingPolicy
+) -> list[Timing]:
+    """time_call for several callables at once: warm-ups first, then rounds of one call each (the
+    budget is per callable, as if each were timed alone)."""
+    if not fns:
+        return []
+    warmup_budget = policy.warmup_share * policy.budget_s
+    fastest: list[float] = []
+    for fn in fns:
+        warmup_times: list[float] = []
+        while not warmup_times or (
+            sum(warmup_times) < warmup_budget and len(warmup_times) < policy.min_repeats
+        ):
+            warmup_times.append(_timed_once(fn, device))
+        fastest.append(min(warmup_times))
+    repeats = policy.repeats or min(
+        policy.max_repeats, max(policy.min_repeats, math.ceil(policy.budget_s * len(fns) / sum(fastest)))
+    )
+    samples: list[list[float]] = [[] for _ in fns]
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            for fn, fn_samples in zip(fns, samples, strict=True):
+                fn_samples.append(_timed_once(fn, device) * 1e3)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return [_summarize(fn_samples) for fn_samples in samples]
+
+
+def _summarize(samples_ms: list[float]) -> Timing:
+    if len(samples_ms) == 1:
+        return Timing(samples_ms[0], samples_ms[0], samples_ms[0], 1)
+    deciles = statistics.quantiles(samples_ms, n=10, method="inclusive")
+    return Timing(statistics.median(samples_ms), deciles[1], deciles[7], len(samples_ms))
 
 
 def run_cases(cases: Sequence[Case], settings: Settings, progress: bool = True) -> BenchRun:
@@ -334,10 +383,9 @@ def run_cases(cases: Sequence[Case], settings: Settings, progress: bool = True) 
         for case, providers in plan:
             built = case.build(settings.batch, device, settings.image_size)
             run.cases[case.id] = built.workload.shapes
-            for provider in providers:
-                bar.set_description(f"{case.id} {provider}")
-                run.cells.append(measure_cell(built, provider, settings.policy))
-                bar.update()
+            bar.set_description(case.id)
+            run.cells.extend(measure_case(built, providers, settings.policy))
+            bar.update(len(providers))
             del built  # free this case's inputs before the next case allocates its own
     run.wall_s = time.perf_counter() - started
     return run
