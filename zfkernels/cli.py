@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --compare: exit 1 when a cell's median exceeds this times the old one (default 1.10)",
     )
     bench.add_argument("--threads", type=_positive_int, help="CPU threads to pin; default torch's own count")
+    bench.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time a case's providers in alternating rounds (cancels machine drift; charges page faults "
+        "that follow the other providers' memory churn)",
+    )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     commands.add_parser("info", help="versions, backends and what was built")
     return parser
@@ -188,9 +194,9 @@ def _plan(args: argparse.Namespace) -> tuple[list[Case], Settings]:
         image_size=DEFAULT_IMAGE_SIZE,
         threads=args.threads or torch.get_num_threads(),
         providers=providers,
-        policy=TimingPolicy(repeats=args.repeats, budget_s=0.15, min_repeats=3)
+        policy=TimingPolicy(repeats=args.repeats, budget_s=0.15, min_repeats=3, interleave=args.interleave)
         if args.quick
-        else TimingPolicy(repeats=args.repeats),
+        else TimingPolicy(repeats=args.repeats, interleave=args.interleave),
         copy_mib=64 if args.quick else 256,
     )
     return selected, settings

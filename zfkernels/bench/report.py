@@ -158,6 +158,10 @@ def markdown_report(run: BenchRun, chart_note: str) -> str:
         else (
             f"repeats fitted to {policy.budget_s:g} s per cell ({policy.min_repeats} to {policy.max_repeats})"
         )
+    ) + (
+        "; a case's providers timed in alternating rounds"
+        if policy.interleave
+        else "; providers timed one after another"
     )
     lines = [
         "# zfkernels benchmark",

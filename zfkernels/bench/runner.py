@@ -39,6 +39,11 @@ class TimingPolicy:
     max_repeats: int = 100
     # Untimed calls after the verifying one: at least one, more while they fit in this share of the budget.
     warmup_share: float = 0.25
+    # Time a case's providers in alternating rounds instead of one after another. Rounds cancel drift in
+    # machine speed, but each provider then runs right after the others' memory churn: large fresh
+    # outputs fault in their pages again (huge pages need compaction), which the back-to-back default,
+    # like pytest-benchmark, does not charge.
+    interleave: bool = False
 
 
 @dataclass
@@ -275,8 +280,8 @@ def measure_case(built: BuiltCase, providers: Sequence[str], policy: TimingPolic
 
     A provider that raises, or whose result differs from the reference, gets a cell that says so and no
     timing: the suite must keep going when one kernel is broken, but never time it. The verified
-    providers are timed in rounds, one call of each per round, so a machine whose speed drifts during
-    the case (a shared or throttled CPU) shifts every provider alike and leaves their ratios alone.
+    providers are timed one after another, or with `policy.interleave` in rounds of one call each, so a
+    machine whose speed drifts during the case shifts every provider alike.
     """
     case = built.case
     cells = [
@@ -304,7 +309,12 @@ def measure_case(built: BuiltCase, providers: Sequence[str], policy: TimingPolic
             if built.device.type == "cuda":
                 torch.cuda.empty_cache()
     try:
-        timings = time_side_by_side(list(runners.values()), built.device, policy)
+        fns = list(runners.values())
+        timings = (
+            time_side_by_side(fns, built.device, policy)
+            if policy.interleave
+            else [time_side_by_side([fn], built.device, policy)[0] for fn in fns]
+        )
         for index, timing in zip(runners, timings, strict=True):
             cells[index].timing = timing
             cells[index].peak_memory_bytes = peak_memory(runners[index], built.device)
