@@ -1,0 +1,51 @@
+// Memory-safety fuzz of every CPU launcher, built with -fsanitize=address,undefined by .ci/run:
+// random pool/conv geometries, NaN inputs and garbage switches (window-local and flat), each buffer
+// sized exactly, so any out-of-bounds read or write aborts the run.
+#include <cstdio>
+#include <random>
+#include <vector>
+#include "cpu/ops.h"
+using namespace zfk;
+template <typename T> void run(std::mt19937& rng, DType dt) {
+  std::uniform_int_distribution<int> d(1, 6);
+  for (int iter = 0; iter < 3000; ++iter) {
+    int kh = d(rng), kw = d(rng), sh = d(rng), sw = d(rng);
+    int ph = rng() % (kh / 2 + 1), pw = rng() % (kw / 2 + 1);
+    int H = kh + rng() % 40, W = kw + rng() % 40;
+    bool ceil = rng() & 1;
+    auto out = [&](int n, int k, int s, int p) { int o = (n + 2 * p - k + (ceil ? s - 1 : 0)) / s + 1; if (ceil && (o - 1) * s >= n + p) --o; return o; };
+    int OH = out(H, kh, sh, ph), OW = out(W, kw, sw, pw);
+    int planes = 1 + rng() % 3;
+    PoolGeometry g{H, W, OH, OW, kh, kw, sh, sw, ph, pw};
+    std::vector<T> in(planes * H * W), vals(planes * OH * OW), unp(planes * H * W), gat(planes * OH * OW);
+    std::vector<uint8_t> swv(planes * OH * OW);
+    std::normal_distribution<float> nd;
+    for (auto& x : in) { float f = nd(rng); if (rng() % 50 == 0) f = NAN; store(&x, f); }
+    cpu::max_pool2d_switches(in.data(), vals.data(), swv.data(), dt, SwitchType::UInt8, planes, g, rng() & 1, 1 + rng() % 2);
+    if (rng() & 1) for (auto& s : swv) if (rng() % 7 == 0) s = rng() % 256;  // garbage switches
+    cpu::max_unpool2d(vals.data(), swv.data(), (rng() & 1) ? vals.data() : nullptr, unp.data(), dt, SwitchType::UInt8, planes, g, rng() & 1, 2);
+    cpu::gather_switches(unp.data(), swv.data(), gat.data(), dt, SwitchType::UInt8, planes, g, 2);
+    std::vector<int64_t> flat(planes * OH * OW);
+    for (auto& f : flat) f = int64_t(rng() % (H * W + 10)) - 5;
+    cpu::max_unpool2d(vals.data(), flat.data(), nullptr, unp.data(), dt, SwitchType::Int64, planes, g, false, 2);
+    // fused: unpooled (H, W) -> conv transpose
+    int co = 1 + rng() % 9, k2 = d(rng), s2 = d(rng), p2 = rng() % (k2 + 1), op2 = rng() % s2;
+    int CH = (H - 1) * s2 - 2 * p2 + k2 + op2, CW = (W - 1) * s2 - 2 * p2 + k2 + op2;
+    if (CH > 0 && CW > 0) {
+      ConvTransposeGeometry cg{H, W, CH, CW, k2, k2, s2, s2, p2, p2, 1, 1};
+      std::vector<T> w(planes * co * k2 * k2), o(co * CH * CW), b(co);
+      for (auto& x : w) store(&x, nd(rng));
+      cpu::unpool_conv_transpose2d(vals.data(), swv.data(), w.data(), o.data(), dt, SwitchType::UInt8, 1, planes, co, g, cg, true, 2);
+      if (co <= 4) {
+        cpu::conv_transpose2d_direct(in.data(), w.data(), (rng() & 1) ? b.data() : nullptr, o.data(), dt, 1, planes, co, cg, 2);
+      }
+    }
+  }
+}
+int main() {
+  std::mt19937 rng(1);
+  run<float>(rng, DType::Float32);
+  run<double>(rng, DType::Float64);
+  run<Half>(rng, DType::Float16);
+  std::puts("fuzz ok");
+}
