@@ -287,11 +287,10 @@ def _relu_workload(
     )
 
 
-def _conv_transpose_workload(
-    layer: ConvLayer, batch: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator
-) -> Workload:
-    """The deconvnet direction of the layer: its output maps back to its input's size."""
-    x = _randn((batch, layer.out_channels, layer.out_size, layer.out_size), dtype, device, generator)
+def _deconv_weight_and_geometry(
+    layer: ConvLayer, dtype: torch.dtype, device: torch.device, generator: torch.Generator
+) -> tuple[Tensor, dict[str, int]]:
+    """The layer's transposed-conv weight (scaled by its fan-in) and keyword geometry, output -> input."""
     fan_in = layer.out_channels * layer.kernel**2 // layer.stride**2
     weight = _randn(
         (layer.out_channels, layer.in_channels, layer.kernel, layer.kernel),
@@ -305,6 +304,15 @@ def _conv_transpose_workload(
         "padding": layer.padding,
         "output_padding": layer.deconv_output_padding,
     }
+    return weight, geometry
+
+
+def _conv_transpose_workload(
+    layer: ConvLayer, batch: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator
+) -> Workload:
+    """The deconvnet direction of the layer: its output maps back to its input's size."""
+    x = _randn((batch, layer.out_channels, layer.out_size, layer.out_size), dtype, device, generator)
+    weight, geometry = _deconv_weight_and_geometry(layer, dtype, device, generator)
 
     def stock(x: Tensor, weight: Tensor) -> tuple[Tensor, ...]:
         return (F.conv_transpose2d(x, weight, **geometry),)
@@ -335,19 +343,7 @@ def _unpool_conv_transpose_workload(
     values = _randn(pooled, dtype, device, generator)
     switches = _unshared_switches(pooled, device, generator)
     indices = zfkernels.switches_to_indices(switches, (size, size), POOL_KERNEL, POOL_STRIDE)
-    fan_in = layer.out_channels * layer.kernel**2 // layer.stride**2
-    weight = _randn(
-        (layer.out_channels, layer.in_channels, layer.kernel, layer.kernel),
-        dtype,
-        device,
-        generator,
-        scale=fan_in**-0.5,
-    )
-    geometry = {
-        "stride": layer.stride,
-        "padding": layer.padding,
-        "output_padding": layer.deconv_output_padding,
-    }
+    weight, geometry = _deconv_weight_and_geometry(layer, dtype, device, generator)
 
     def stock(values: Tensor, indices: Tensor, weight: Tensor) -> tuple[Tensor, ...]:
         unpooled = F.max_unpool2d(values, indices, POOL_KERNEL, POOL_STRIDE, output_size=(size, size))
