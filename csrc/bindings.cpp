@@ -98,5 +98,10 @@ PYBIND11_MODULE(_C, m) {
               relu, threads);
         },
         release);
+  m.def("renormalize_filters",
+        [](Ptr weight, int dtype, int64_t filters, int64_t filter_size, double radius, int threads) {
+          zfk::cpu::renormalize_filters(mptr(weight), DType(dtype), filters, filter_size, radius, threads);
+        },
+        release);
   m.def("advise_huge_pages", &advise_huge_pages, release);
 }

@@ -58,6 +58,9 @@ int64_t unpool_conv_transpose2d(const void* values, const void* switches, const 
                                 DType dtype, SwitchType switch_type, int64_t batch, int64_t in_channels,
                                 int64_t out_channels, const PoolGeometry& pool, const ConvTransposeGeometry& g,
                                 bool relu, int num_threads);
+// In place: each of `filters` contiguous filters whose RMS exceeds `radius` is scaled to RMS `radius`.
+void renormalize_filters(void* weight, DType dtype, int64_t filters, int64_t filter_size, double radius,
+                         int num_threads);
 
 }  // namespace cpu
 }  // namespace zfk

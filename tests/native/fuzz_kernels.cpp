@@ -39,6 +39,7 @@ template <typename T> void run(std::mt19937& rng, DType dt) {
       if (co <= 4) {
         cpu::conv_transpose2d_direct(in.data(), w.data(), (rng() & 1) ? b.data() : nullptr, o.data(), dt, 1, planes, co, cg, 2);
       }
+      cpu::renormalize_filters(w.data(), dt, planes * co, k2 * k2, 0.01 + (rng() % 100) / 50.0, 1 + rng() % 2);
     }
   }
 }

@@ -203,3 +203,16 @@ def unpool_conv_transpose2d(
     )
     check_no_invalid_switches(invalid)
     return out
+
+
+def renormalize_filters_(weight, radius: float):
+    """Filters are dim 0; the kernel needs them contiguous, so other layouts run on a copy written back."""
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    filters = w.shape[0]
+    if filters and w.numel():
+        cpu_module.renormalize_filters(
+            w.data_ptr(), DTYPE_CODES[w.dtype], filters, w.numel() // filters, float(radius), _threads()
+        )
+    if w is not weight:
+        weight.copy_(w)
+    return weight
