@@ -1,12 +1,13 @@
-// pybind11 module zfkernels._C: raw pointers (as integers), shapes and thread counts in; nothing allocated.
+// pybind11 module zfkernels._C: raw pointers (as integers), shapes and thread counts in; kernels allocate
+// nothing. The one allocator is the output cache, handed to torch as DLPack capsules.
 // The Python layer (zfkernels/_extension.py) validates every argument before calling in.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-#include <sys/mman.h>
 
 #include <array>
 
 #include "cpu/ops.h"
+#include "cpu/output_cache.h"
 
 namespace py = pybind11;
 using zfk::ConvTransposeGeometry;
@@ -32,14 +33,61 @@ ConvTransposeGeometry conv_geometry(const std::array<int64_t, 4>& sizes, const s
   return {sizes[0], sizes[1], sizes[2], sizes[3], p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]};
 }
 
-// Large outputs are written once right after allocation; backing them with 2 MiB pages makes
-// their first touch fault 512x less often (page faults otherwise cost more than the kernel).
-void advise_huge_pages(Ptr address, int64_t nbytes) {
-#ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kPage = 4096;
-  const uintptr_t begin = (address + kPage - 1) & ~(kPage - 1), end = (address + nbytes) & ~(kPage - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
+// The DLPack ABI (dlpack.h, v0.8): enough to hand torch a CPU byte buffer with our deleter.
+struct DLDevice { int32_t device_type; int32_t device_id; };
+struct DLDataType { uint8_t code; uint8_t bits; uint16_t lanes; };
+struct DLTensor {
+  void* data; DLDevice device; int32_t ndim; DLDataType dtype; int64_t* shape; int64_t* strides; uint64_t byte_offset;
+};
+struct DLManagedTensor { DLTensor dl_tensor; void* manager_ctx; void (*deleter)(DLManagedTensor*); };
+constexpr int32_t kDLCPU = 1;
+constexpr uint8_t kDLUInt = 1;
+
+struct CachedBuffer {
+  DLManagedTensor managed;
+  int64_t shape[1];
+};
+
+void release_buffer(DLManagedTensor* self) {
+  auto* buffer = static_cast<CachedBuffer*>(self->manager_ctx);
+  zfk::cpu::cache_release(self->dl_tensor.data);
+  delete buffer;
+}
+
+void destroy_capsule(PyObject* capsule) {
+  // Still named "dltensor": torch never took ownership (it renames consumed capsules), so free it here.
+  if (PyCapsule_IsValid(capsule, "dltensor")) {
+    auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
+    managed->deleter(managed);
+  }
+}
+
+// A 1-D uint8 DLPack capsule of `nbytes` from the output cache; torch.from_dlpack takes ownership.
+py::object cached_bytes(int64_t nbytes) {
+  if (nbytes <= 0) throw std::invalid_argument("zfkernels: cached_bytes needs nbytes > 0");
+  void* data = zfk::cpu::cache_allocate(static_cast<size_t>(nbytes));
+  if (data == nullptr) throw std::bad_alloc();
+  auto* buffer = new CachedBuffer{};
+  buffer->shape[0] = nbytes;
+  buffer->managed.dl_tensor = {data, {kDLCPU, 0}, 1, {kDLUInt, 8, 1}, buffer->shape, nullptr, 0};
+  buffer->managed.manager_ctx = buffer;
+  buffer->managed.deleter = release_buffer;
+  PyObject* capsule = PyCapsule_New(&buffer->managed, "dltensor", destroy_capsule);
+  if (capsule == nullptr) {
+    release_buffer(&buffer->managed);
+    throw py::error_already_set();
+  }
+  return py::reinterpret_steal<py::object>(capsule);
+}
+
+py::dict output_cache_stats() {
+  const zfk::cpu::CacheStats stats = zfk::cpu::cache_stats();
+  py::dict out;
+  out["in_use"] = stats.in_use;
+  out["peak_in_use"] = stats.peak_in_use;
+  out["idle"] = stats.idle;
+  out["limit"] = stats.limit;
+  return out;
 }
 
 }  // namespace
@@ -103,5 +151,8 @@ PYBIND11_MODULE(_C, m) {
           zfk::cpu::renormalize_filters(mptr(weight), DType(dtype), filters, filter_size, radius, threads);
         },
         release);
-  m.def("advise_huge_pages", &advise_huge_pages, release);
+  m.def("cached_bytes", &cached_bytes);
+  m.def("output_cache_stats", &output_cache_stats);
+  m.def("reset_output_cache_peak", &zfk::cpu::reset_cache_peak);
+  m.def("set_output_cache_limit", [](int64_t bytes) { zfk::cpu::set_cache_limit(static_cast<size_t>(bytes)); });
 }

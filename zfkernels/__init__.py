@@ -5,8 +5,8 @@
     back = zfkernels.max_unpool2d(values, switches, 3, 2, output_size=x.shape[-2:], relu=True)
 """
 
-from . import nn, ops
+from . import memory, nn, ops
 from .ops import *  # noqa: F403  (the public ops, listed once in ops.__all__)
 
 __version__ = "0.1.0"
-__all__ = [*ops.__all__, "nn"]
+__all__ = [*ops.__all__, "memory", "nn"]

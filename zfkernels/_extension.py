@@ -6,6 +6,8 @@ The package works without them (the "reference" backend); `python -m zfkernels.i
 from __future__ import annotations
 
 import importlib
+import math
+import os
 from types import ModuleType
 
 import torch
@@ -23,13 +25,26 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
 
 cpu_module, cpu_error = _load("_C")
 
+_cache_mib = os.environ.get("ZFK_CPU_CACHE_MB", "").strip()
+if _cache_mib:
+    if not _cache_mib.isdigit():
+        raise ValueError(f"ZFK_CPU_CACHE_MB must be a non-negative integer (MiB), got {_cache_mib!r}")
+    if cpu_module is not None:
+        cpu_module.set_output_cache_limit(int(_cache_mib) << 20)
 
-def huge_page_empty(
+
+# Outputs at least this large come from the output cache; smaller ones are cheap for torch's allocator.
+CACHED_OUTPUT_MIN_BYTES = 8 << 20
+
+
+def output_empty(
     shape: tuple[int, ...] | torch.Size, like: torch.Tensor, dtype: torch.dtype | None = None
-):
-    """torch.empty for a large CPU output, backed by huge pages before its first touch (fewer page faults)."""
-    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-    nbytes = out.numel() * out.element_size()
-    if cpu_module is not None and out.device.type == "cpu" and nbytes >= (8 << 20):
-        cpu_module.advise_huge_pages(out.data_ptr(), nbytes)
-    return out
+) -> torch.Tensor:
+    """torch.empty for a CPU kernel's output. Large ones come from the extension's output cache: blocks
+    already faulted in (a fresh large allocation faults every page on first touch, which costs as much as
+    the kernel), returned to the cache when torch frees the tensor. See zfkernels.memory."""
+    dtype = dtype or like.dtype
+    nbytes = math.prod(shape) * dtype.itemsize
+    if cpu_module is None or like.device.type != "cpu" or nbytes < CACHED_OUTPUT_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype, device=like.device)
+    return torch.from_dlpack(cpu_module.cached_bytes(nbytes)).view(dtype).view(shape)

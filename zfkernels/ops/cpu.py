@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .._extension import DTYPE_CODES, SWITCH_CODES, cpu_module, huge_page_empty
+from .._extension import DTYPE_CODES, SWITCH_CODES, cpu_module, output_empty
 from . import reference
 from ._checks import Pair, check_no_invalid_switches, pooled_size
 from .reference import RULES
@@ -31,8 +31,8 @@ def max_pool2d_switches(
         pooled_size(h, kernel[0], stride[0], padding[0], ceil_mode),
         pooled_size(w, kernel[1], stride[1], padding[1], ceil_mode),
     )
-    values = huge_page_empty((n, c, *out_size), x)
-    switches = huge_page_empty((n, c, *out_size), x, dtype=switch_dtype)
+    values = output_empty((n, c, *out_size), x)
+    switches = output_empty((n, c, *out_size), x, dtype=switch_dtype)
     cpu_module.max_pool2d_switches(
         x.data_ptr(),
         values.data_ptr(),
@@ -62,7 +62,7 @@ def _unpool(values, switches, gate, kernel: Pair, stride: Pair, padding: Pair, o
     v, s = values.contiguous(), switches.contiguous()
     g = gate.contiguous() if gate is not None else None
     n, c = v.shape[:2]
-    out = huge_page_empty((n, c, *output_size), v)
+    out = output_empty((n, c, *output_size), v)
     invalid = cpu_module.max_unpool2d(
         v.data_ptr(),
         s.data_ptr(),
@@ -99,7 +99,7 @@ def gather_switches(source, switches, kernel: Pair, stride: Pair, padding: Pair)
 
 def relu(input):
     x = input.contiguous()
-    out = huge_page_empty(x.shape, x)
+    out = output_empty(x.shape, x)
     cpu_module.relu(x.data_ptr(), out.data_ptr(), DTYPE_CODES[x.dtype], x.numel(), _threads())
     return out
 
@@ -114,7 +114,7 @@ def relu_(input):
 def relu_backward(grad, output, rule: int):
     g = grad.contiguous()
     o = output.contiguous() if RULES[rule] != "deconvnet" else None
-    out = huge_page_empty(g.shape, g)
+    out = output_empty(g.shape, g)
     cpu_module.relu_backward(
         g.data_ptr(),
         0 if o is None else o.data_ptr(),
@@ -142,7 +142,7 @@ def conv_transpose2d(
     out_h = (h - 1) * stride[0] - 2 * padding[0] + dilation[0] * (k_h - 1) + output_padding[0] + 1
     out_w = (w - 1) * stride[1] - 2 * padding[1] + dilation[1] * (k_w - 1) + output_padding[1] + 1
     if groups == 1 and n > 0 and c_out <= _DIRECT_MAX_OUT_CHANNELS:
-        out = huge_page_empty((n, c_out, out_h, out_w), x)
+        out = output_empty((n, c_out, out_h, out_w), x)
         wt = weight.contiguous()  # held in a name: a temporary's buffer could be freed before the call
         b = bias.contiguous() if bias is not None else None
         if cpu_module.conv_transpose2d_direct(
@@ -180,7 +180,7 @@ def unpool_conv_transpose2d(
     c_out, k_h, k_w = wt.shape[1:]
     out_h = (unpool_size[0] - 1) * stride[0] - 2 * padding[0] + k_h + output_padding[0]
     out_w = (unpool_size[1] - 1) * stride[1] - 2 * padding[1] + k_w + output_padding[1]
-    out = huge_page_empty((n, c_out, out_h, out_w), v)
+    out = output_empty((n, c_out, out_h, out_w), v)
     pool_sizes, pool_params = _pool_args(
         unpool_size, tuple(v.shape[-2:]), pool_kernel, pool_stride, pool_padding
     )
