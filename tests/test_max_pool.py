@@ -348,3 +348,16 @@ def test_backward_gate_matches_relu_backward_with_nan_and_zeros(backend, gen):
     gated = zk.relu_backward(grad, values)
     unfused = zk.max_unpool2d(gated, switches, 3, 2, 0, output_size=(9, 9))
     assert_bitwise_equal(fused, unfused, "gated backward")
+
+
+# ---------------------------------------------------------------------------------------- vector groups
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_every_row_width_and_vector_grouping(gen, dtype, stride):
+    """The CPU kernel covers a row with groups of 1 to 4 vectors (the tail group shifted left) and a
+    scalar border: every width from 3 to 80 exercises each grouping against F.max_pool2d."""
+    for width in range(3, 81):
+        for padding, ceil_mode in ((0, True), (1, False)):
+            x = tied((1, 2, 5, width), dtype, gen)
+            check_pool(x, 3, stride, padding, ceil_mode, True)
+            check_pool(x, 3, stride, padding, ceil_mode, False)

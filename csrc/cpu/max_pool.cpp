@@ -142,10 +142,9 @@ void pool_plane_vectorized(const T* plane, const PoolGeometry& g, T* values, S* 
   const int64_t ow_lo = std::min(g.out_w, (g.pad_w + kStride - 1) / kStride);
   const int64_t ow_hi = std::max(ow_lo, std::min(g.out_w, (g.in_w + g.pad_w - g.kernel_w) / kStride + 1));
   const int64_t span = ow_hi - ow_lo;
-  const int blocks = span >= 4 * L ? 4 : 1;
   // A group starting at input column 0 loads its first block Forward, which reads one element past
   // that block's last window column when s = 2: allowed only if the row still has it.
-  const bool forward_fits = kStride == 1 || (blocks * L - 1) * kStride + g.kernel_w < g.in_w;
+  const bool forward_fits = kStride == 1 || (L - 1) * kStride + g.kernel_w < g.in_w;
   const bool grouped = span >= L && forward_fits;
   // A plane free of NaN (the usual case) skips the NaN test in the windows' inner loop: one vector
   // pass over the plane costs less than that test in every window.
@@ -158,7 +157,12 @@ void pool_plane_vectorized(const T* plane, const PoolGeometry& g, T* values, S* 
     const T* first_row = plane + (h0 + kh_begin) * g.in_w - g.pad_w;
     for (int64_t ow = 0; ow < ow_lo; ++ow) max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);
     if (grouped) {
-      for (int64_t ow = ow_lo;; ow += blocks * L) {
+      // Groups of 4 vectors; the tail group takes just enough vectors to cover what is left (a row of 54
+      // windows costs 4 + 3 vectors, not 4 + 4), shifted left to end at ow_hi. Fewer, longer calls: a call
+      // has a fixed cost of about a vector's work.
+      for (int64_t ow = ow_lo; ow < ow_hi;) {
+        const int64_t left = ow_hi - ow;
+        const int blocks = int(std::min<int64_t>({4, (left + L - 1) / L, span / L}));
         const int64_t start = std::min(ow, ow_hi - blocks * L);
         const bool at_row_start = start * kStride - g.pad_w == 0;
         const T* origin = first_row + start * kStride;
@@ -167,15 +171,19 @@ void pool_plane_vectorized(const T* plane, const PoolGeometry& g, T* values, S* 
                        decltype(group)::value>(origin, g, kh_begin, kh_end, L, value_row + start, switch_row + start);
         };
         const auto with_blocks = [&](auto first_load, auto with_nan) {
-          blocks == 4 ? run(first_load, with_nan, std::integral_constant<int, 4>{})
-                      : run(first_load, with_nan, std::integral_constant<int, 1>{});
+          switch (blocks) {
+            case 4: return run(first_load, with_nan, std::integral_constant<int, 4>{});
+            case 3: return run(first_load, with_nan, std::integral_constant<int, 3>{});
+            case 2: return run(first_load, with_nan, std::integral_constant<int, 2>{});
+            default: return run(first_load, with_nan, std::integral_constant<int, 1>{});
+          }
         };
         const auto with_nan = [&](auto first_load) {
           nan ? with_blocks(first_load, std::true_type{}) : with_blocks(first_load, std::false_type{});
         };
         at_row_start ? with_nan(std::integral_constant<Load, Load::Forward>{})
                      : with_nan(std::integral_constant<Load, Load::Back>{});
-        if (start + blocks * L >= ow_hi) break;
+        ow = start + blocks * L;
       }
     } else if (span > 0) {
       for (int64_t ow = ow_lo; ow < ow_hi; ow += L) {
