@@ -127,3 +127,23 @@ def unpool_conv_transpose2d(
 ):
     unpooled = max_unpool2d(values, switches, pool_kernel, pool_stride, pool_padding, unpool_size, relu)
     return F.conv_transpose2d(unpooled, weight, None, stride, padding, output_padding).contiguous()
+
+
+def renormalize_filters_(weight, radius: float):
+    """Rescale, in place, every filter (slice along dim 0) whose RMS exceeds `radius` to RMS `radius`.
+
+    As the C++ kernel: sum of squares in float64 whatever the storage type (the decision "RMS > radius"
+    must not hinge on summation order), scale = radius / RMS in float64, applied in the compute type
+    (float32 for half types, else the dtype) and rounded once. Filters within the radius keep their bits.
+    """
+    filters = weight.shape[0]
+    if filters == 0 or weight.numel() == 0:
+        return weight
+    per_filter = (filters, *([1] * (weight.dim() - 1)))  # broadcasts a per-filter value over its elements
+    rms = weight.to(torch.float64).reshape(filters, -1).square().mean(dim=1).sqrt()
+    scale = torch.where(rms > radius, radius / rms, torch.ones_like(rms))  # NaN RMS compares false: kept
+    compute = _accumulate_dtype(weight.dtype)
+    scaled = (weight.to(compute) * scale.to(compute).view(per_filter)).to(weight.dtype)
+    # Filters with scale 1 (as in the kernel, also an RMS barely above radius) are not rewritten at all.
+    weight.copy_(torch.where((scale != 1.0).view(per_filter), scaled, weight))
+    return weight
