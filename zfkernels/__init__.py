@@ -5,8 +5,20 @@
     back = zfkernels.max_unpool2d(values, switches, 3, 2, output_size=x.shape[-2:], relu=True)
 """
 
-from . import memory, nn, ops
+from . import deconvnet, memory, models, nn, ops
+from .deconvnet import deconvnet_mode, guided_backprop_mode, is_patched, patch, unpatch
 from .ops import *  # noqa: F403  (the public ops, listed once in ops.__all__)
 
 __version__ = "0.1.0"
-__all__ = [*ops.__all__, "memory", "nn"]
+__all__ = [
+    *ops.__all__,
+    "deconvnet",
+    "deconvnet_mode",
+    "guided_backprop_mode",
+    "is_patched",
+    "memory",
+    "models",
+    "nn",
+    "patch",
+    "unpatch",
+]
