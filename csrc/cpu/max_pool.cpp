@@ -64,7 +64,7 @@ __attribute__((always_inline)) inline void store_switches(S* switches, const I& 
 // input loses exactly as its rectified zero would. Block 0 may load Forward (at the row start) while
 // the others load Back. Independent blocks interleave so their serial select chains overlap.
 template <int kStride, Load kLoad, Load kFirstLoad, bool kRelu, bool kNaN, int kBlocks, typename T, typename S>
-ZFK_VECTORIZED void window_block(const T* first_row, const PoolGeometry& g, int64_t kh_begin, int64_t kh_end, int n,
+__attribute__((always_inline)) inline void window_block(const T* first_row, const PoolGeometry& g, int64_t kh_begin, int64_t kh_end, int n,
                                  T* values, S* switches) {
   using V = typename Simd<T>::Vec;
   using I = typename Simd<T>::Int;
@@ -108,7 +108,7 @@ ZFK_VECTORIZED void window_block(const T* first_row, const PoolGeometry& g, int6
 }
 
 template <typename T>
-ZFK_VECTORIZED bool contains_nan(const T* data, int64_t n) {
+__attribute__((always_inline)) inline bool contains_nan(const T* data, int64_t n) {
   using V = typename Simd<T>::Vec;
   using I = typename Simd<T>::Int;
   constexpr int L = Simd<T>::kLanes;
@@ -133,8 +133,11 @@ ZFK_VECTORIZED bool contains_nan(const T* data, int64_t n) {
   return nan;
 }
 
+// One call per plane, compiled per target (window_block, contains_nan and the dispatch lambdas are
+// forced inline into each clone; a lambda left out of line would be compiled for the default target):
+// a call per group of windows used to cost about a vector's work in prologue and spills.
 template <int kStride, bool kRelu, typename T, typename S>
-void pool_plane_vectorized(const T* plane, const PoolGeometry& g, T* values, S* switches) {
+ZFK_VECTORIZED void pool_plane_vectorized(const T* plane, const PoolGeometry& g, T* values, S* switches) {
   constexpr int L = Simd<T>::kLanes;
   // Columns [ow_lo, ow_hi) have windows inside the plane's width; they go in groups of kBlocks vectors,
   // the last group shifted left to end at ow_hi (recomputing a few windows is cheaper than a ragged
@@ -166,11 +169,11 @@ void pool_plane_vectorized(const T* plane, const PoolGeometry& g, T* values, S* 
         const int64_t start = std::min(ow, ow_hi - blocks * L);
         const bool at_row_start = start * kStride - g.pad_w == 0;
         const T* origin = first_row + start * kStride;
-        const auto run = [&](auto first_load, auto with_nan, auto group) {
+        const auto run = [&](auto first_load, auto with_nan, auto group) __attribute__((always_inline)) {
           window_block<kStride, Load::Back, decltype(first_load)::value, kRelu, decltype(with_nan)::value,
                        decltype(group)::value>(origin, g, kh_begin, kh_end, L, value_row + start, switch_row + start);
         };
-        const auto with_blocks = [&](auto first_load, auto with_nan) {
+        const auto with_blocks = [&](auto first_load, auto with_nan) __attribute__((always_inline)) {
           switch (blocks) {
             case 4: return run(first_load, with_nan, std::integral_constant<int, 4>{});
             case 3: return run(first_load, with_nan, std::integral_constant<int, 3>{});
@@ -178,7 +181,7 @@ void pool_plane_vectorized(const T* plane, const PoolGeometry& g, T* values, S* 
             default: return run(first_load, with_nan, std::integral_constant<int, 1>{});
           }
         };
-        const auto with_nan = [&](auto first_load) {
+        const auto with_nan = [&](auto first_load) __attribute__((always_inline)) {
           nan ? with_blocks(first_load, std::true_type{}) : with_blocks(first_load, std::false_type{});
         };
         at_row_start ? with_nan(std::integral_constant<Load, Load::Forward>{})
@@ -205,7 +208,9 @@ void pool_plane_scalar(const T* plane, const PoolGeometry& g, bool relu, T* valu
 
 template <typename T, typename S>
 void pool_plane(const T* plane, const PoolGeometry& g, bool relu, T* values, S* switches) {
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+  // Vectorized for uint8 switches only (windows of at most 256 elements, every pool a CNN uses): each
+  // instantiation inlines a dozen window_block variants into two target clones.
+  if constexpr ((std::is_same_v<T, float> || std::is_same_v<T, double>) && std::is_same_v<S, uint8_t>) {
     if (g.stride_w == 2) {
       return relu ? pool_plane_vectorized<2, true>(plane, g, values, switches)
                   : pool_plane_vectorized<2, false>(plane, g, values, switches);
@@ -215,7 +220,8 @@ void pool_plane(const T* plane, const PoolGeometry& g, bool relu, T* values, S* 
                   : pool_plane_vectorized<1, false>(plane, g, values, switches);
     }
   }
-  // Other strides and the half types (which compare in float) take the element path.
+  // Other strides, windows over 256 elements and the half types (which compare in float) take the
+  // element path.
   pool_plane_scalar(plane, g, relu, values, switches);
 }
 
