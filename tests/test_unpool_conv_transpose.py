@@ -30,6 +30,10 @@ FUSED_CONFIGS = [
     pytest.param((3, 1, 1, False, (6, 7)), ((2, 3), (2, 1), (0, 1), (1, 0)), 2, 48, id="3s1p1_rect_block48"),
     pytest.param(((2, 3), (1, 2), 1, False, (6, 7)), ((3, 3), 1, 0, 0), 2, 64, id="rectpool_block64"),
     pytest.param((3, 2, 1, True, (7, 6)), ((3, 3), 3, 0, 2), 2, 5, id="3s2p1_ceil_conv_stride3"),
+    # At most 4 output channels take the row-vectorized path: kernel rows of 1, 2 and 4 vectors.
+    pytest.param((3, 2, 0, False, (15, 15)), ((11, 11), 4, 2, 3), 5, 3, id="alexnet_conv1_11x11s4_rows"),
+    pytest.param((3, 2, 0, True, (9, 10)), ((3, 13), (2, 1), (1, 5), (1, 0)), 3, 2, id="rect_3x13_rows"),
+    pytest.param((2, 2, 0, False, (6, 6)), ((4, 20), (1, 3), (0, 2), (0, 2)), 2, 1, id="wide_4x20_rows"),
 ]
 DTYPE_IDS = lambda d: str(d).split(".")[-1]
 

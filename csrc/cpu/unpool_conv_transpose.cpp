@@ -142,6 +142,101 @@ ZFK_VECTORIZED void scatter_image(const SparseUnpooled<C>& sparse, const C* weig
     for (int64_t p = 0; p < out_plane; ++p) store(out + co * out_plane + p, pixels[p * out_padded + co]);
 }
 
+// Few output channels (an RGB first layer): vectorized along kernel rows instead of output channels, which
+// would leave most lanes empty. For each unpooled position holding entries and each (output channel, kernel
+// row), the entries' weight rows (zero-padded to kRowVecs vectors) are summed in registers and added once
+// into `frame`, the full transposed-conv result [co][(in_h - 1) * s_h + K_h][(in_w - 1) * s_w + padded K_w]
+// before cropping, so no write needs a bounds check. `row_weights` is [co][kh][ci][padded kw].
+template <int kRowVecs, typename T, typename C>
+ZFK_VECTORIZED void scatter_image_rows(const SparseUnpooled<C>& sparse, const C* row_weights, int64_t in_channels,
+                                       int64_t out_channels, const ConvTransposeGeometry& g, int64_t frame_h,
+                                       int64_t frame_w, C* frame, T* out) {
+  using V = typename Simd<C>::Vec;
+  constexpr int L = Simd<C>::kLanes, kRow = kRowVecs * L;
+  std::fill(frame, frame + out_channels * frame_h * frame_w, C(0));
+  for (int64_t iy = 0; iy < g.in_h; ++iy) {
+    for (int64_t ix = 0; ix < g.in_w; ++ix) {
+      const int64_t t = iy * g.in_w + ix;
+      const Entry<C>* first = sparse.entries.data() + sparse.offsets[t];
+      const Entry<C>* end = sparse.entries.data() + sparse.offsets[t + 1];
+      if (first == end) continue;
+      for (int64_t co = 0; co < out_channels; ++co) {
+        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+          const C* rows = row_weights + (co * g.kernel_h + kh) * in_channels * kRow;
+          // Two accumulator sets take alternate entries: one would wait on the FMA latency every entry.
+          V acc[kRowVecs] = {}, acc_odd[kRowVecs] = {};
+          const Entry<C>* e = first;
+          for (; e + 1 < end; e += 2) {
+            const V u = broadcast<V>(e[0].value), u_odd = broadcast<V>(e[1].value);
+            const C* w = rows + e[0].channel * kRow;
+            const C* w_odd = rows + e[1].channel * kRow;
+#pragma GCC unroll 4
+            for (int v = 0; v < kRowVecs; ++v) {
+              acc[v] += u * load_vec<V>(w + v * L);
+              acc_odd[v] += u_odd * load_vec<V>(w_odd + v * L);
+            }
+          }
+          if (e < end) {
+            const V u = broadcast<V>(e->value);
+            const C* w = rows + e->channel * kRow;
+#pragma GCC unroll 4
+            for (int v = 0; v < kRowVecs; ++v) acc[v] += u * load_vec<V>(w + v * L);
+          }
+          C* dst = frame + (co * frame_h + iy * g.stride_h + kh) * frame_w + ix * g.stride_w;
+#pragma GCC unroll 4
+          for (int v = 0; v < kRowVecs; ++v) store_vec(dst + v * L, load_vec<V>(dst + v * L) + acc[v] + acc_odd[v]);
+        }
+      }
+    }
+  }
+  // Crop by the padding; rows or columns past the frame (output_padding) are zeros.
+  for (int64_t co = 0; co < out_channels; ++co) {
+    for (int64_t oy = 0; oy < g.out_h; ++oy) {
+      const int64_t fy = oy + g.pad_h;
+      T* dst = out + (co * g.out_h + oy) * g.out_w;
+      for (int64_t ox = 0; ox < g.out_w; ++ox) {
+        const int64_t fx = ox + g.pad_w;
+        const bool inside = fy < frame_h && fx < frame_w;
+        store(dst + ox, inside ? frame[(co * frame_h + fy) * frame_w + fx] : C(0));
+      }
+    }
+  }
+}
+
+template <typename T, typename S, int kRowVecs>
+int64_t launch_rows(const void* values, const void* switches, const void* weight, void* output, int64_t batch,
+                    int64_t in_channels, int64_t out_channels, const PoolGeometry& pool,
+                    const ConvTransposeGeometry& g, bool relu, int num_threads) {
+  using C = compute_t<T>;
+  constexpr int kRow = kRowVecs * Simd<C>::kLanes;
+  std::vector<C> row_weights(out_channels * g.kernel_h * in_channels * kRow, C(0));
+  const T* w = static_cast<const T*>(weight);  // [ci][co][kh][kw]
+  for (int64_t ci = 0; ci < in_channels; ++ci)
+    for (int64_t co = 0; co < out_channels; ++co)
+      for (int64_t kh = 0; kh < g.kernel_h; ++kh)
+        for (int64_t kw = 0; kw < g.kernel_w; ++kw)
+          row_weights[((co * g.kernel_h + kh) * in_channels + ci) * kRow + kw] =
+              load(w + ((ci * out_channels + co) * g.kernel_h + kh) * g.kernel_w + kw);
+  const int64_t frame_h = (g.in_h - 1) * g.stride_h + g.kernel_h, frame_w = (g.in_w - 1) * g.stride_w + kRow;
+  const int64_t pooled = pool.out_h * pool.out_w, out_image = out_channels * g.out_h * g.out_w;
+  std::vector<int64_t> invalid(std::max<int64_t>(batch, 1), 0);
+  const SwitchDecoder<S> decoder(pool);
+  parallel_for(batch, num_threads, out_image * in_channels, [&](int64_t begin, int64_t end) {
+    SparseUnpooled<C> sparse;
+    std::vector<C> frame(out_channels * frame_h * frame_w);
+    for (int64_t b = begin; b < end; ++b) {
+      invalid[b] = build_sparse(static_cast<const T*>(values) + b * in_channels * pooled,
+                                static_cast<const S*>(switches) + b * in_channels * pooled, in_channels, pool, decoder,
+                                relu, sparse);
+      scatter_image_rows<kRowVecs, T>(sparse, row_weights.data(), in_channels, out_channels, g, frame_h, frame_w,
+                                      frame.data(), static_cast<T*>(output) + b * out_image);
+    }
+  });
+  int64_t total = 0;
+  for (int64_t n : invalid) total += n;
+  return total;
+}
+
 template <typename T, typename S, int kVecs>
 int64_t launch(const void* values, const void* switches, const void* weight, void* output, int64_t batch,
                int64_t in_channels, int64_t out_channels, const PoolGeometry& pool, const ConvTransposeGeometry& g,
@@ -194,7 +289,18 @@ int64_t unpool_conv_transpose2d(const void* values, const void* switches, const 
         invalid = launch<T, S, decltype(vecs)::value>(values, switches, weight, output, batch, in_channels,
                                                         out_channels, pool, g, relu, num_threads);
       };
-      if (out_channels % (6 * L) == 0) {
+      const auto run_rows = [&](auto row_vecs) {
+        invalid = launch_rows<T, S, decltype(row_vecs)::value>(values, switches, weight, output, batch, in_channels,
+                                                               out_channels, pool, g, relu, num_threads);
+      };
+      const bool narrow = out_channels <= 4 && g.dilation_h == 1 && g.dilation_w == 1;
+      if (narrow && g.kernel_w <= L) {
+        run_rows(std::integral_constant<int, 1>{});
+      } else if (narrow && g.kernel_w <= 2 * L) {
+        run_rows(std::integral_constant<int, 2>{});
+      } else if (narrow && g.kernel_w <= 4 * L) {
+        run_rows(std::integral_constant<int, 4>{});
+      } else if (out_channels % (6 * L) == 0) {
         run(std::integral_constant<int, 6>{});
       } else if (out_channels >= 4 * L) {
         run(std::integral_constant<int, 4>{});
