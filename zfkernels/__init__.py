@@ -6,12 +6,13 @@
 """
 
 from . import deconvnet, memory, models, nn, ops
-from .deconvnet import deconvnet_mode, guided_backprop_mode, is_patched, patch, unpatch
+from .deconvnet import DeconvNet, deconvnet_mode, guided_backprop_mode, is_patched, patch, unpatch
 from .ops import *  # noqa: F403  (the public ops, listed once in ops.__all__)
 
 __version__ = "0.1.0"
 __all__ = [
     *ops.__all__,
+    "DeconvNet",
     "deconvnet",
     "deconvnet_mode",
     "guided_backprop_mode",
