@@ -22,61 +22,68 @@ struct Entry {
   C value;
 };
 
-// Sparse unpooled activations of one image: entries[offsets[t] .. offsets[t + 1]) belong to unpooled position t.
+template <typename C>
+struct Contribution {
+  int32_t position;  // unpooled position the switch points at
+  int32_t channel;
+  C value;
+};
+
+// Sparse unpooled activations of one image: entries[offsets[t] .. offsets[t + 1]) belong to unpooled position
+// t, ascending in channel; `occupied` lists the positions holding any, ascending. Buffers are reused across
+// images, so building allocates nothing after the first image.
 template <typename C>
 struct SparseUnpooled {
   std::vector<int64_t> offsets;
   std::vector<Entry<C>> entries;
-  std::vector<int32_t> last_channel;
+  std::vector<int64_t> occupied;
+  std::vector<Contribution<C>> contributions;
+  std::vector<int64_t> cursor;
 };
 
-// Switch targets summed in row-major window order per channel (as max_unpool2d does), then rectified;
-// entries that rectify to zero are dropped since they add nothing. Returns the invalid switches seen.
+// Switch targets summed in row-major window order per channel (as max_unpool2d does), then rectified; values
+// that are zero add nothing to any sum and are skipped before sorting (a windowed deconvnet signal is mostly
+// zeros), entries that rectify to zero are dropped. Every switch is still validated. Returns the invalid
+// switches seen.
 template <typename T, typename S, typename C>
 int64_t build_sparse(const T* values, const S* switches, int64_t in_channels, const PoolGeometry& pool,
                      const SwitchDecoder<S>& decoder, bool relu, SparseUnpooled<C>& sparse) {
   const int64_t positions = pool.in_h * pool.in_w, pooled = pool.out_h * pool.out_w;
-  sparse.offsets.assign(positions + 1, 0);
-  sparse.last_channel.assign(positions, -1);
-  int64_t invalid = 0;
-  for (int64_t c = 0; c < in_channels; ++c) {  // count distinct (channel, position) pairs
-    for (int64_t p = 0; p < pooled; ++p) {
-      const int64_t t = decoder.target(p / pool.out_w, p % pool.out_w, switches[c * pooled + p]);
+  int64_t invalid = 0, count = 0;
+  sparse.contributions.resize(in_channels * pooled);  // the most there can be: no growth checks below
+  for (int64_t c = 0; c < in_channels; ++c) {  // channel-major, row-major: the order sums are taken in
+    const T* channel_values = values + c * pooled;
+    decoder.for_each_target(switches + c * pooled, [&](int64_t p, int64_t t) {
       if (t < 0) {
         ++invalid;
-      } else if (sparse.last_channel[t] != c) {
-        sparse.last_channel[t] = int32_t(c);
-        ++sparse.offsets[t + 1];
+        return;
       }
-    }
+      const C v = load(channel_values + p);
+      if (v != C(0)) sparse.contributions[count++] = {int32_t(t), int32_t(c), v};
+    });
   }
+  // Stable counting sort by position keeps each position's contributions in (channel, pooled) order.
+  const Contribution<C>* contributions = sparse.contributions.data();
+  sparse.offsets.assign(positions + 1, 0);
+  for (int64_t i = 0; i < count; ++i) ++sparse.offsets[contributions[i].position + 1];
   for (int64_t t = 0; t < positions; ++t) sparse.offsets[t + 1] += sparse.offsets[t];
-  sparse.entries.resize(sparse.offsets[positions]);
-  std::vector<int64_t> fill(sparse.offsets.begin(), sparse.offsets.end() - 1);
-  sparse.last_channel.assign(positions, -1);
-  for (int64_t c = 0; c < in_channels; ++c) {
-    for (int64_t p = 0; p < pooled; ++p) {
-      const int64_t t = decoder.target(p / pool.out_w, p % pool.out_w, switches[c * pooled + p]);
-      if (t < 0) continue;
-      const C v = load(values + c * pooled + p);
-      if (sparse.last_channel[t] == c) {
-        sparse.entries[fill[t] - 1].value += v;  // a shared argmax: sum, like the gradient of max-pool
-      } else {
-        sparse.last_channel[t] = int32_t(c);
-        sparse.entries[fill[t]++] = {int32_t(c), v};
-      }
-    }
-  }
-  // Rectify and compact in place; positions keep their order.
+  sparse.cursor.assign(sparse.offsets.begin(), sparse.offsets.end() - 1);
+  sparse.entries.resize(count);
+  for (int64_t i = 0; i < count; ++i)
+    sparse.entries[sparse.cursor[contributions[i].position]++] = {contributions[i].channel, contributions[i].value};
+  // Sum a channel's shared argmaxes (adjacent after the sort), rectify, drop zeros; compact in place.
+  sparse.occupied.clear();
   int64_t kept = 0;
   for (int64_t t = 0; t < positions; ++t) {
     const int64_t begin = sparse.offsets[t], end = sparse.offsets[t + 1];
     sparse.offsets[t] = kept;
     for (int64_t e = begin; e < end; ++e) {
       Entry<C> entry = sparse.entries[e];
+      while (e + 1 < end && sparse.entries[e + 1].channel == entry.channel) entry.value += sparse.entries[++e].value;
       if (relu) entry.value = zfk::relu(entry.value);
       if (entry.value != C(0)) sparse.entries[kept++] = entry;
     }
+    if (kept > sparse.offsets[t]) sparse.occupied.push_back(t);
   }
   sparse.offsets[positions] = kept;
   return invalid;
@@ -98,41 +105,38 @@ ZFK_VECTORIZED void scatter_image(const SparseUnpooled<C>& sparse, const C* weig
   for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
     for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
       const C* tap = weights + (kh * g.kernel_w + kw) * in_channels * out_padded;
-      for (int64_t iy = 0; iy < g.in_h; ++iy) {
+      for (const int64_t t : sparse.occupied) {
+        const int64_t iy = t / g.in_w, ix = t % g.in_w;
         const int64_t oy = iy * g.stride_h - g.pad_h + kh * g.dilation_h;
-        if (oy < 0 || oy >= g.out_h) continue;
-        for (int64_t ix = 0; ix < g.in_w; ++ix) {
-          const int64_t ox = ix * g.stride_w - g.pad_w + kw * g.dilation_w;
-          const int64_t t = iy * g.in_w + ix;
-          if (ox < 0 || ox >= g.out_w || sparse.offsets[t] == sparse.offsets[t + 1]) continue;
-          const Entry<C>* first = sparse.entries.data() + sparse.offsets[t];
-          const Entry<C>* end = sparse.entries.data() + sparse.offsets[t + 1];
-          C* pixel = pixels + (oy * g.out_w + ox) * out_padded;
-          for (int64_t co0 = 0; co0 < out_padded; co0 += kBlock) {
-            // Two accumulator sets take alternate entries: one would wait on the FMA latency every entry.
-            V acc[kVecs] = {}, acc_odd[kVecs] = {};
-            const Entry<C>* e = first;
-            for (; e + 1 < end; e += 2) {
-              const V u = broadcast<V>(e[0].value), u_odd = broadcast<V>(e[1].value);
-              const C* w = tap + e[0].channel * out_padded + co0;
-              const C* w_odd = tap + e[1].channel * out_padded + co0;
-#pragma GCC unroll 8
-              for (int v = 0; v < kVecs; ++v) {
-                acc[v] += u * load_vec<V>(w + v * L);
-                acc_odd[v] += u_odd * load_vec<V>(w_odd + v * L);
-              }
-            }
-            if (e < end) {
-              const V u = broadcast<V>(e->value);
-              const C* w = tap + e->channel * out_padded + co0;
-#pragma GCC unroll 8
-              for (int v = 0; v < kVecs; ++v) acc[v] += u * load_vec<V>(w + v * L);
-            }
+        const int64_t ox = ix * g.stride_w - g.pad_w + kw * g.dilation_w;
+        if (oy < 0 || oy >= g.out_h || ox < 0 || ox >= g.out_w) continue;
+        const Entry<C>* first = sparse.entries.data() + sparse.offsets[t];
+        const Entry<C>* end = sparse.entries.data() + sparse.offsets[t + 1];
+        C* pixel = pixels + (oy * g.out_w + ox) * out_padded;
+        for (int64_t co0 = 0; co0 < out_padded; co0 += kBlock) {
+          // Two accumulator sets take alternate entries: one would wait on the FMA latency every entry.
+          V acc[kVecs] = {}, acc_odd[kVecs] = {};
+          const Entry<C>* e = first;
+          for (; e + 1 < end; e += 2) {
+            const V u = broadcast<V>(e[0].value), u_odd = broadcast<V>(e[1].value);
+            const C* w = tap + e[0].channel * out_padded + co0;
+            const C* w_odd = tap + e[1].channel * out_padded + co0;
 #pragma GCC unroll 8
             for (int v = 0; v < kVecs; ++v) {
-              C* dst = pixel + co0 + v * L;
-              store_vec(dst, load_vec<V>(dst) + acc[v] + acc_odd[v]);
+              acc[v] += u * load_vec<V>(w + v * L);
+              acc_odd[v] += u_odd * load_vec<V>(w_odd + v * L);
             }
+          }
+          if (e < end) {
+            const V u = broadcast<V>(e->value);
+            const C* w = tap + e->channel * out_padded + co0;
+#pragma GCC unroll 8
+            for (int v = 0; v < kVecs; ++v) acc[v] += u * load_vec<V>(w + v * L);
+          }
+#pragma GCC unroll 8
+          for (int v = 0; v < kVecs; ++v) {
+            C* dst = pixel + co0 + v * L;
+            store_vec(dst, load_vec<V>(dst) + acc[v] + acc_odd[v]);
           }
         }
       }
@@ -143,62 +147,58 @@ ZFK_VECTORIZED void scatter_image(const SparseUnpooled<C>& sparse, const C* weig
 }
 
 // Few output channels (an RGB first layer): vectorized along kernel rows instead of output channels, which
-// would leave most lanes empty. For each unpooled position holding entries and each (output channel, kernel
-// row), the entries' weight rows (zero-padded to kRowVecs vectors) are summed in registers and added once
-// into `frame`, the full transposed-conv result [co][(in_h - 1) * s_h + K_h][(in_w - 1) * s_w + padded K_w]
-// before cropping, so no write needs a bounds check. `row_weights` is [co][kh][ci][padded kw].
+// would leave most lanes empty. An output "row" r = (co, kh) of one unpooled position is a kernel row of
+// weights (zero-padded to kRowVecs vectors) scaled by each entry's value and added into `frame`, the full
+// transposed-conv result [co][(in_h - 1) * s_h + K_h][(in_w - 1) * s_w + padded K_w] before cropping, so no
+// write needs a bounds check. A position holds few entries (a handful of channels), so the loop runs over
+// blocks of kRowsPerBlock rows with every row of the block in registers, entries innermost: each entry's
+// weights for a block are contiguous in `row_weights` ([ci][padded rows][kRow]). Rows are padded to whole
+// blocks with zero weights aimed at row 0 (adding zeros there changes nothing).
+template <int kRowVecs>
+constexpr int kRowsPerBlock = kRowVecs == 1 ? 12 : kRowVecs == 2 ? 6 : 3;  // 12 accumulators of 16 registers
+
 template <int kRowVecs, typename T, typename C>
-ZFK_VECTORIZED void scatter_image_rows(const SparseUnpooled<C>& sparse, const C* row_weights, int64_t in_channels,
-                                       int64_t out_channels, const ConvTransposeGeometry& g, int64_t frame_h,
-                                       int64_t frame_w, C* frame, T* out) {
+ZFK_VECTORIZED void scatter_image_rows(const SparseUnpooled<C>& sparse, const C* row_weights,
+                                       const int64_t* row_offsets, int64_t padded_rows, int64_t out_channels,
+                                       const ConvTransposeGeometry& g, int64_t frame_h, int64_t frame_w, C* frame,
+                                       T* out) {
   using V = typename Simd<C>::Vec;
-  constexpr int L = Simd<C>::kLanes, kRow = kRowVecs * L;
+  constexpr int L = Simd<C>::kLanes, kRow = kRowVecs * L, kBlock = kRowsPerBlock<kRowVecs>;
   std::fill(frame, frame + out_channels * frame_h * frame_w, C(0));
-  for (int64_t iy = 0; iy < g.in_h; ++iy) {
-    for (int64_t ix = 0; ix < g.in_w; ++ix) {
-      const int64_t t = iy * g.in_w + ix;
-      const Entry<C>* first = sparse.entries.data() + sparse.offsets[t];
-      const Entry<C>* end = sparse.entries.data() + sparse.offsets[t + 1];
-      if (first == end) continue;
-      for (int64_t co = 0; co < out_channels; ++co) {
-        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-          const C* rows = row_weights + (co * g.kernel_h + kh) * in_channels * kRow;
-          // Two accumulator sets take alternate entries: one would wait on the FMA latency every entry.
-          V acc[kRowVecs] = {}, acc_odd[kRowVecs] = {};
-          const Entry<C>* e = first;
-          for (; e + 1 < end; e += 2) {
-            const V u = broadcast<V>(e[0].value), u_odd = broadcast<V>(e[1].value);
-            const C* w = rows + e[0].channel * kRow;
-            const C* w_odd = rows + e[1].channel * kRow;
+  for (const int64_t t : sparse.occupied) {
+    const int64_t iy = t / g.in_w, ix = t % g.in_w;
+    C* base = frame + iy * g.stride_h * frame_w + ix * g.stride_w;
+    const Entry<C>* first = sparse.entries.data() + sparse.offsets[t];
+    const Entry<C>* end = sparse.entries.data() + sparse.offsets[t + 1];
+    for (int64_t block = 0; block < padded_rows; block += kBlock) {
+      V acc[kBlock][kRowVecs] = {};
+      for (const Entry<C>* e = first; e < end; ++e) {
+        const V u = broadcast<V>(e->value);
+        const C* w = row_weights + (e->channel * padded_rows + block) * kRow;
+#pragma GCC unroll 12
+        for (int i = 0; i < kBlock; ++i) {
 #pragma GCC unroll 4
-            for (int v = 0; v < kRowVecs; ++v) {
-              acc[v] += u * load_vec<V>(w + v * L);
-              acc_odd[v] += u_odd * load_vec<V>(w_odd + v * L);
-            }
-          }
-          if (e < end) {
-            const V u = broadcast<V>(e->value);
-            const C* w = rows + e->channel * kRow;
-#pragma GCC unroll 4
-            for (int v = 0; v < kRowVecs; ++v) acc[v] += u * load_vec<V>(w + v * L);
-          }
-          C* dst = frame + (co * frame_h + iy * g.stride_h + kh) * frame_w + ix * g.stride_w;
-#pragma GCC unroll 4
-          for (int v = 0; v < kRowVecs; ++v) store_vec(dst + v * L, load_vec<V>(dst + v * L) + acc[v] + acc_odd[v]);
+          for (int v = 0; v < kRowVecs; ++v) acc[i][v] += u * load_vec<V>(w + i * kRow + v * L);
         }
+      }
+#pragma GCC unroll 12
+      for (int i = 0; i < kBlock; ++i) {
+        C* dst = base + row_offsets[block + i];
+#pragma GCC unroll 4
+        for (int v = 0; v < kRowVecs; ++v) store_vec(dst + v * L, load_vec<V>(dst + v * L) + acc[i][v]);
       }
     }
   }
-  // Crop by the padding; rows or columns past the frame (output_padding) are zeros.
+  // Crop by the padding, row by row; rows or columns past the frame (output_padding) are zeros.
+  const int64_t inside_w = std::clamp<int64_t>(frame_w - g.pad_w, 0, g.out_w);
   for (int64_t co = 0; co < out_channels; ++co) {
     for (int64_t oy = 0; oy < g.out_h; ++oy) {
       const int64_t fy = oy + g.pad_h;
       T* dst = out + (co * g.out_h + oy) * g.out_w;
-      for (int64_t ox = 0; ox < g.out_w; ++ox) {
-        const int64_t fx = ox + g.pad_w;
-        const bool inside = fy < frame_h && fx < frame_w;
-        store(dst + ox, inside ? frame[(co * frame_h + fy) * frame_w + fx] : C(0));
-      }
+      const int64_t n = fy < frame_h ? inside_w : 0;
+      const C* src = frame + (co * frame_h + fy) * frame_w + g.pad_w;
+      for (int64_t ox = 0; ox < n; ++ox) store(dst + ox, src[ox]);
+      for (int64_t ox = n; ox < g.out_w; ++ox) store(dst + ox, C(0));
     }
   }
 }
@@ -208,16 +208,18 @@ int64_t launch_rows(const void* values, const void* switches, const void* weight
                     int64_t in_channels, int64_t out_channels, const PoolGeometry& pool,
                     const ConvTransposeGeometry& g, bool relu, int num_threads) {
   using C = compute_t<T>;
-  constexpr int kRow = kRowVecs * Simd<C>::kLanes;
-  std::vector<C> row_weights(out_channels * g.kernel_h * in_channels * kRow, C(0));
+  constexpr int kRow = kRowVecs * Simd<C>::kLanes, kBlock = kRowsPerBlock<kRowVecs>;
+  const int64_t frame_h = (g.in_h - 1) * g.stride_h + g.kernel_h, frame_w = (g.in_w - 1) * g.stride_w + kRow;
+  const int64_t rows = out_channels * g.kernel_h, padded_rows = (rows + kBlock - 1) / kBlock * kBlock;
+  std::vector<int64_t> row_offsets(padded_rows, 0);  // padding rows add zeros into row 0
+  for (int64_t co = 0; co < out_channels; ++co)
+    for (int64_t kh = 0; kh < g.kernel_h; ++kh) row_offsets[co * g.kernel_h + kh] = (co * frame_h + kh) * frame_w;
+  std::vector<C> row_weights(in_channels * padded_rows * kRow, C(0));
   const T* w = static_cast<const T*>(weight);  // [ci][co][kh][kw]
   for (int64_t ci = 0; ci < in_channels; ++ci)
-    for (int64_t co = 0; co < out_channels; ++co)
-      for (int64_t kh = 0; kh < g.kernel_h; ++kh)
-        for (int64_t kw = 0; kw < g.kernel_w; ++kw)
-          row_weights[((co * g.kernel_h + kh) * in_channels + ci) * kRow + kw] =
-              load(w + ((ci * out_channels + co) * g.kernel_h + kh) * g.kernel_w + kw);
-  const int64_t frame_h = (g.in_h - 1) * g.stride_h + g.kernel_h, frame_w = (g.in_w - 1) * g.stride_w + kRow;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t kw = 0; kw < g.kernel_w; ++kw)
+        row_weights[(ci * padded_rows + r) * kRow + kw] = load(w + (ci * rows + r) * g.kernel_w + kw);
   const int64_t pooled = pool.out_h * pool.out_w, out_image = out_channels * g.out_h * g.out_w;
   std::vector<int64_t> invalid(std::max<int64_t>(batch, 1), 0);
   const SwitchDecoder<S> decoder(pool);
@@ -228,8 +230,8 @@ int64_t launch_rows(const void* values, const void* switches, const void* weight
       invalid[b] = build_sparse(static_cast<const T*>(values) + b * in_channels * pooled,
                                 static_cast<const S*>(switches) + b * in_channels * pooled, in_channels, pool, decoder,
                                 relu, sparse);
-      scatter_image_rows<kRowVecs, T>(sparse, row_weights.data(), in_channels, out_channels, g, frame_h, frame_w,
-                                      frame.data(), static_cast<T*>(output) + b * out_image);
+      scatter_image_rows<kRowVecs, T>(sparse, row_weights.data(), row_offsets.data(), padded_rows, out_channels, g,
+                                      frame_h, frame_w, frame.data(), static_cast<T*>(output) + b * out_image);
     }
   });
   int64_t total = 0;
