@@ -2,24 +2,32 @@
 
 Same cases and same checks as `zfkernels bench`: a provider whose result differs from the reference fails
 its test instead of being timed. pytest-benchmark groups the providers of a case, so its table compares
-them side by side.
+them side by side. End-to-end cases take seconds to minutes a call: as in `zfkernels bench`, their
+verifying call is the warm-up and only as many rounds as fit in the default long-call budget are timed
+(`benchmark.pedantic`), each after the provider's untimed setup.
 """
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from zfkernels.bench.cases import BuiltCase, Case
-from zfkernels.bench.runner import synchronize
+from zfkernels.bench.cases import BuiltCase, BuiltEndToEnd, Case
+from zfkernels.bench.runner import TimingPolicy, long_call_repeats, synchronize
 
 
-def test_op(benchmark, case: Case, provider: str, built_case: BuiltCase) -> None:
+def test_case(benchmark, case: Case, provider: str, built_case: BuiltCase | BuiltEndToEnd) -> None:
     with built_case.scope(provider):
         call = built_case.call(provider)
-        mismatch = built_case.mismatch(call.comparable(call.run()))
+        started = time.perf_counter()
+        result = call.fresh_run()
+        synchronize(built_case.device)
+        first_call_s = time.perf_counter() - started
+        mismatch = built_case.mismatch(call.comparable(result))
+        del result
         if mismatch is not None:
             pytest.fail(f"{provider} differs from the reference on {case.id}: {mismatch}")
-        call.run()  # warm-up: the first call above may have compiled or faulted in fresh pages
 
         def synchronized_call() -> None:
             call.run()
@@ -27,6 +35,12 @@ def test_op(benchmark, case: Case, provider: str, built_case: BuiltCase) -> None
 
         benchmark.group = case.id
         benchmark.extra_info.update(
-            provider=provider, shapes=built_case.workload.shapes, bytes_moved=built_case.bytes_moved
+            provider=provider, shapes=built_case.shapes, bytes_moved=built_case.bytes_moved
         )
+        if built_case.long_calls:
+            rounds = long_call_repeats(TimingPolicy(), first_call_s)
+            benchmark.extra_info.update(note=built_case.note)
+            benchmark.pedantic(synchronized_call, setup=call.setup, rounds=rounds, iterations=1)
+            return
+        call.run()  # warm-up: the first call above may have compiled or faulted in fresh pages
         benchmark(synchronized_call)

@@ -144,7 +144,7 @@ def test_run_writes_a_markdown_report_and_a_json_that_reads_back(tiny_run, tmp_p
     markdown = (tmp_path / MARKDOWN_NAME).read_text()
     assert "## pool" in markdown and "CPU threads" in markdown and "GB/s" in markdown
     table = format_table(tiny_run)
-    assert table.splitlines()[0].split()[:6] == ["op", "layer", "mode", "dtype", "eager", "ms"]
+    assert table.splitlines()[0].split()[:6] == ["op", "shape", "mode", "dtype", "eager", "ms"]
 
 
 def test_chart_is_skipped_with_a_note_without_matplotlib(tiny_run, tmp_path, monkeypatch):

@@ -23,11 +23,19 @@ from .bench import report
 from .bench.cases import (
     DEFAULT_IMAGE_SIZE,
     DTYPES,
+    END_TO_END,
+    EXTERNAL_PROVIDERS,
     MODES,
     OPS,
+    QUICK_DECONVNET_FILTERS,
+    QUICK_DECONVNET_IMAGES,
     STOCK_PROVIDERS,
+    THIRD_PARTY_PROVIDERS,
     Case,
     backend_providers,
+    case_unavailable,
+    describe_ops,
+    provider_unavailable,
     select_cases,
 )
 from .bench.runner import OK, Settings, TimingPolicy, run_cases
@@ -73,42 +81,62 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{bench,info}")
     bench = commands.add_parser(
         "bench",
-        help="benchmark the ops against stock PyTorch (eager and torch.compile) at ZFNet shapes",
+        help="benchmark the ops against stock PyTorch (eager and torch.compile) at ZFNet shapes, and two "
+        "end-to-end workloads",
         description="Benchmark every zfkernels op against stock PyTorch eager and torch.compile at the "
-        "shapes of ZFNet's five layers. Each provider's result is checked against the reference before it "
-        "is timed.",
+        "shapes of ZFNet's five layers, plus two end-to-end cases: zfnet_train (one SGD step of ZFNet) and "
+        "deconvnet (top-1 projections of all 256 conv5 filters of AlexNet for 9 images, also against "
+        "captum). Each provider's result is checked against the reference before it is timed.",
     )
     bench.add_argument(
         "--quick",
         action="store_true",
-        help="batch 8, short timing, no torch.compile or reference backend unless --providers names them "
-        "(under 2 minutes on a 2-core CPU)",
+        help="batch 8, short timing, no torch.compile or reference backend unless --providers names them, "
+        f"deconvnet reduced to {QUICK_DECONVNET_IMAGES} images x {QUICK_DECONVNET_FILTERS} filters (under 2 "
+        "minutes on a 2-core CPU)",
     )
     bench.add_argument(
         "--ops",
         type=_comma_list,
-        help="comma-separated ops (pool, unpool, relu, conv_transpose, ...); default all",
+        help=f"comma-separated ops ({', '.join([*OPS, *END_TO_END])}); default all",
     )
-    bench.add_argument("--shapes", type=_comma_list, help="ZFNet layers L1..L5, comma-separated; default all")
+    bench.add_argument(
+        "--shapes",
+        type=_comma_list,
+        help="comma-separated: ZFNet layers L1..L5 for the ops, "
+        + ", ".join(f"{spec.shape} for {name}" for name, spec in END_TO_END.items())
+        + "; default all",
+    )
     bench.add_argument(
         "--modes",
         type=_comma_list,
         help="forward, backward, full or all; default each op's own (pool and relu forward+backward, "
-        "the others forward)",
+        "the others forward; zfnet_train is full, deconvnet forward)",
     )
-    bench.add_argument("--dtype", type=_comma_list, default=["fp32"], help="fp32, bf16 or both; default fp32")
+    bench.add_argument(
+        "--dtype",
+        type=_comma_list,
+        default=["fp32"],
+        help="fp32, bf16 or both; default fp32 (the end-to-end cases run in fp32 only)",
+    )
     bench.add_argument("--device", help="cpu or cuda[:N]; default cuda when present, else cpu")
-    bench.add_argument("--batch", type=_positive_int, help="batch size; default 32 (8 with --quick)")
+    bench.add_argument(
+        "--batch",
+        type=_positive_int,
+        help="batch size of the ops and zfnet_train; default 32 (8 with --quick); deconvnet's workload is "
+        "the issue's (9 images x 256 filters) whatever the batch",
+    )
     bench.add_argument(
         "--repeats",
         type=_positive_int,
-        help="timed calls per cell; default: as many as fit in about a second",
+        help="timed calls per cell; default: as many as fit in about a second (end-to-end cases: in 30 s, "
+        "1 to 5, after a verifying call that is also the warm-up)",
     )
     bench.add_argument(
         "--providers",
         type=_comma_list,
-        help="eager, compile and zfkernels backends (cpu, reference, ...); default eager, compile and every "
-        "backend that runs on the device",
+        help="eager, compile, captum (deconvnet only) and zfkernels backends (cpu, reference, ...); default "
+        "all that run on the device",
     )
     bench.add_argument("--output", type=Path, default=Path("bench-results"), help="directory for the report")
     bench.add_argument(
@@ -125,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--interleave",
         action="store_true",
         help="time a case's providers in alternating rounds (cancels machine drift; charges page faults "
-        "that follow the other providers' memory churn)",
+        "that follow the other providers' memory churn); op cases only",
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     commands.add_parser("info", help="versions, backends and what was built")
@@ -164,8 +192,9 @@ def _check_writable(directory: Path) -> None:
         ) from None
 
 
-def _plan(args: argparse.Namespace) -> tuple[list[Case], Settings]:
-    """The cases and settings `bench` was asked for, checked before anything is measured."""
+def _plan(args: argparse.Namespace) -> tuple[list[Case], Settings, list[str]]:
+    """The cases and settings `bench` was asked for, checked before anything is measured, and notes on
+    end-to-end cases left out of a default selection because a package they need is missing."""
     try:
         selected = select_cases(
             args.ops,
@@ -176,35 +205,58 @@ def _plan(args: argparse.Namespace) -> tuple[list[Case], Settings]:
     except ValueError as error:
         raise UsageError(str(error)) from None
     if not selected:
-        where = "; ".join(f"{op} at {', '.join(OPS[op].layers)}" for op in args.ops or OPS)
-        raise UsageError(f"no case at shapes {', '.join(args.shapes)}: {where}")
+        asked = ", ".join(
+            f"{flag} {','.join(value)}"
+            for flag, value in (("--shapes", args.shapes), ("--modes", args.modes), ("--dtype", args.dtype))
+            if value is not None
+        )
+        raise UsageError(f"no case matches {asked}: {describe_ops(args.ops)}")
+    skipped = []
+    for case in list(selected):
+        reason = case_unavailable(case)
+        if reason is None:
+            continue
+        if args.ops is not None and case.op in args.ops:
+            raise UsageError(f"cannot run {case.op}: {reason}")
+        selected.remove(case)
+        skipped.append(f"{case.id} left out: {reason}")
+    if not selected:
+        raise UsageError("; ".join(skipped))
     device = _resolve_device(args.device)
     providers = args.providers
     if providers is not None:
-        known = [*STOCK_PROVIDERS, *backend_providers(device)]
+        for provider in providers:
+            reason = provider_unavailable(provider)
+            if reason is not None:
+                raise UsageError(f"provider {provider!r} is not available: {reason}")
+        known = [*STOCK_PROVIDERS, *THIRD_PARTY_PROVIDERS, *backend_providers(device)]
         unknown = [p for p in providers if p not in known]
         if unknown:
             names = ", ".join(map(repr, unknown))
             raise UsageError(f"provider {names} does not run on {device}; choose from {', '.join(known)}")
     elif args.quick:  # compiling alone takes minutes on 2 cores, and the reference is the slow floor
-        providers = ["eager", *(p for p in backend_providers(device) if p != "reference")]
+        third_party = [p for p in THIRD_PARTY_PROVIDERS if provider_unavailable(p) is None]
+        providers = ["eager", *third_party, *(p for p in backend_providers(device) if p != "reference")]
     settings = Settings(
         device=device,
         batch=args.batch or (8 if args.quick else 32),
         image_size=DEFAULT_IMAGE_SIZE,
         threads=args.threads or torch.get_num_threads(),
         providers=providers,
-        policy=TimingPolicy(repeats=args.repeats, budget_s=0.15, min_repeats=3, interleave=args.interleave)
+        policy=TimingPolicy(
+            repeats=args.repeats, budget_s=0.15, min_repeats=3, interleave=args.interleave, long_budget_s=3.0
+        )
         if args.quick
         else TimingPolicy(repeats=args.repeats, interleave=args.interleave),
         copy_mib=64 if args.quick else 256,
+        quick=args.quick,
     )
-    return selected, settings
+    return selected, settings, skipped
 
 
 def _bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    selected, settings = _plan(args)
+    selected, settings, skipped = _plan(args)
     old = None
     if args.compare is not None:
         try:
@@ -214,9 +266,11 @@ def _bench(args: argparse.Namespace) -> int:
     _check_writable(args.output)
     # Inductor warns on every compile that a CPU-only machine has no CUDA runtime: true, and noise here.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    for note in skipped:
+        print(f"zfkernels bench: {note}")
     print(
         f"zfkernels bench: {len(selected)} cases on {settings.device}, batch {settings.batch}, "
-        f"CPU threads: {settings.threads}",
+        f"CPU threads: {settings.threads}" + (" (--quick: reduced workloads)" if settings.quick else ""),
         flush=True,
     )
     run = run_cases(selected, settings, progress=not args.no_progress)
@@ -232,7 +286,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"chart skipped: {chart_skipped_because}")
     print(f"wall time {time.perf_counter() - started:.0f} s ({run.wall_s:.0f} s measuring)")
     status = EXIT_OK
-    broken = [c for c in run.cells if c.status != OK and c.provider not in STOCK_PROVIDERS]
+    broken = [c for c in run.cells if c.status != OK and c.provider not in EXTERNAL_PROVIDERS]
     if broken:
         print(f"{len(broken)} zfkernels cell(s) failed the reference check or raised", file=sys.stderr)
         status = EXIT_FAILED

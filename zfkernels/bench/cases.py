@@ -1,34 +1,53 @@
 """The one definition of benchmark cases, shared by `zfkernels bench` and the pytest-benchmark suite.
 
-A case is (op, ZFNet layer, mode, dtype). Building it gives the inputs, the stock PyTorch code and the
+Op cases are (op, ZFNet layer, mode, dtype). Building one gives the inputs, the stock PyTorch code and the
 zfkernels call; `BuiltCase.call(provider)` turns that into the callable a timer runs, for these providers:
 
 - "eager": the stock PyTorch code as written;
 - "compile": `torch.compile` of the same stock code (compiled while preparing, so never timed);
 - every zfkernels backend that runs on the device ("cpu", "reference", later "triton", "cuda").
 
-`BuiltCase.expected()` is the reference backend's result. Every provider's result must equal it (bit for bit
-for pool, unpool and ReLU; allclose for the convolutions) before a timer may run it, so a wrong fast
-kernel never reaches a table.
+End-to-end cases (`END_TO_END`) are whole workloads, one row each: "zfnet_train" (one SGD step of ZFNet)
+and "deconvnet" (top-1 projections of every conv5 filter of torchvision's AlexNet, with captum as an extra
+provider). Their calls take seconds to minutes, so the runner treats them as long (`long_calls`): the
+verifying call doubles as warm-up and peak-memory measurement, and few calls are timed.
+
+`expected()` is the reference backend's result. Every provider's result must equal it (bit for bit
+for pool, unpool and ReLU; allclose for the convolutions and the end-to-end cases) before a timer may run
+it, so a wrong fast kernel never reaches a table.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import importlib
+import importlib.util
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 import zfkernels
+
+from ..models import ZFNet
+from ..models.zfnet import VALID_INPUT_SIDES
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("forward", "backward", "full")
 STOCK_PROVIDERS = ("eager", "compile")
+# Third-party tools some end-to-end cases are measured against (only where they import), and the module
+# each needs.
+THIRD_PARTY_PROVIDERS = ("captum",)
+_THIRD_PARTY_MODULES = {"captum": "captum.attr"}
+# Every provider that is not a zfkernels backend: its failures are reported, but are not zfkernels' bugs.
+EXTERNAL_PROVIDERS = (*STOCK_PROVIDERS, *THIRD_PARTY_PROVIDERS)
 LAYERS = ("L1", "L2", "L3", "L4", "L5")
 
 POOL_KERNEL, POOL_STRIDE = 3, 2  # ZFNet's overlapping 3x3 stride-2 pools, ceil_mode
@@ -135,7 +154,8 @@ class OpSpec:
 
 @dataclass(frozen=True)
 class Case:
-    """One row of the benchmark table: an op at a ZFNet layer, in a mode and a dtype."""
+    """One row of the benchmark table: an op at a ZFNet layer (or an end-to-end workload at its one shape),
+    in a mode and a dtype."""
 
     op: str
     shape: str
@@ -147,14 +167,32 @@ class Case:
         return f"{self.op}-{self.shape}-{self.mode}-{self.dtype}"
 
     @property
-    def spec(self) -> OpSpec:
-        return OPS[self.op]
+    def end_to_end(self) -> bool:
+        return self.op in END_TO_END
+
+    @property
+    def spec(self) -> OpSpec | EndToEndSpec:
+        return END_TO_END[self.op] if self.end_to_end else OPS[self.op]
 
     def build(
-        self, batch: int, device: str | torch.device, image_size: int = DEFAULT_IMAGE_SIZE, seed: int = 0
-    ) -> BuiltCase:
-        """Make the inputs on `device`, seeded so that every run times the same data."""
+        self,
+        batch: int,
+        device: str | torch.device,
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        seed: int = 0,
+        quick: bool = False,
+    ) -> BuiltCase | BuiltEndToEnd:
+        """Make the inputs on `device`, seeded so that every run times the same data.
+
+        `quick` shrinks the end-to-end workloads (see each one's spec); op cases ignore it.
+        """
         device = torch.device(device)
+        if self.end_to_end:
+            spec = END_TO_END[self.op]
+            if self.dtype not in spec.dtypes:
+                raise ValueError(f"{self.op} runs in {', '.join(spec.dtypes)} only: {spec.dtype_reason}")
+            workload = spec.build(batch, image_size, quick, device, seed)
+            return BuiltEndToEnd(self, device, workload)
         generator = torch.Generator(device=device).manual_seed(seed)
         layer = zfnet_layers(image_size)[self.shape]
         workload = self.spec.build(layer, batch, DTYPES[self.dtype], device, generator)
@@ -401,13 +439,15 @@ def select_cases(
     modes: Sequence[str] | None = None,
     dtypes: Sequence[str] = ("fp32",),
 ) -> list[Case]:
-    """The cases of the chosen ops, layers, modes and dtypes, in suite order.
+    """The cases of the chosen ops, shapes, modes and dtypes, in suite order (op cases, then end-to-end).
 
     `None` means each op's own: all its layers, and its default modes (the issue-2 set: pool forward and
-    backward, ReLU forward and backward, everything else forward). Unknown names raise ValueError.
+    backward, ReLU forward and backward, everything else forward). An end-to-end case exists at one shape,
+    in one mode and in its own dtypes only, so a selection that names none of those leaves it out (an
+    empty result is the caller's to report: see `describe_ops`). Unknown names raise ValueError.
     """
-    _check_names("op", ops, OPS)
-    _check_names("shape", shapes, LAYERS)
+    _check_names("op", ops, [*OPS, *END_TO_END])
+    _check_names("shape", shapes, [*LAYERS, *(spec.shape for spec in END_TO_END.values())])
     _check_names("mode", modes, MODES)
     _check_names("dtype", dtypes, DTYPES)
     cases = []
@@ -419,7 +459,59 @@ def select_cases(
                 continue
             for mode in spec.default_modes if modes is None else [m for m in MODES if m in modes]:
                 cases.extend(Case(spec.name, layer, mode, dtype) for dtype in dtypes)
+    for spec in END_TO_END.values():
+        if (
+            (ops is not None and spec.name not in ops)
+            or (shapes is not None and spec.shape not in shapes)
+            or (modes is not None and spec.mode not in modes)
+        ):
+            continue
+        cases.extend(
+            Case(spec.name, spec.shape, spec.mode, dtype) for dtype in dtypes if dtype in spec.dtypes
+        )
     return cases
+
+
+def describe_ops(ops: Sequence[str] | None = None) -> str:
+    """Where each op exists (shapes, modes, dtypes), for the message when a selection matches nothing."""
+    described = []
+    for name in ops or [*OPS, *END_TO_END]:
+        if name in END_TO_END:
+            spec = END_TO_END[name]
+            described.append(
+                f"{name} at shape {spec.shape}, mode {spec.mode}, {'/'.join(spec.dtypes)} only "
+                f"({spec.dtype_reason})"
+            )
+        elif name in OPS:
+            described.append(f"{name} at {', '.join(OPS[name].layers)} in any mode and dtype")
+    return "; ".join(described)
+
+
+def case_unavailable(case: Case) -> str | None:
+    """Why `case` cannot be built in this environment (a package it needs is missing), or None."""
+    if not case.end_to_end:
+        return None
+    missing = [module for module in END_TO_END[case.op].requires if importlib.util.find_spec(module) is None]
+    if missing:
+        return f"{case.op} needs {', '.join(missing)} (pip install {' '.join(missing)})"
+    return None
+
+
+def provider_unavailable(provider: str) -> str | None:
+    """Why a third-party provider cannot run here (not installed, or its import fails), or None."""
+    if provider not in THIRD_PARTY_PROVIDERS:
+        return None
+    return _third_party_import_error(provider)
+
+
+@functools.cache
+def _third_party_import_error(provider: str) -> str | None:
+    module = _THIRD_PARTY_MODULES[provider]
+    try:
+        importlib.import_module(module)
+    except Exception as error:  # any failure to import means the provider cannot run, whatever the cause
+        return f"{module} cannot be imported ({type(error).__name__}: {error}); pip install {provider}"
+    return None
 
 
 def _check_names(kind: str, names: Sequence[str] | None, known: Sequence[str] | dict[str, object]) -> None:
@@ -456,10 +548,16 @@ def _backend_providers(device: str) -> tuple[str, ...]:
 def providers_for(
     case: Case, device: str | torch.device, requested: Sequence[str] | None = None
 ) -> list[str]:
-    """Providers a case is measured with: `requested` (those that run here), or by default stock eager,
-    torch.compile and every backend, leaving out the reference backend where it is the stock code itself."""
+    """Providers a case is measured with: `requested` (those that run here and apply to the case), or by
+    default: for op cases stock eager, torch.compile and every backend, leaving out the reference backend
+    where it is the stock code itself; for end-to-end cases their external providers that can run here
+    (captum only where it imports) and every backend."""
     backends = backend_providers(device)
-    if requested is not None:
+    if case.end_to_end:
+        external = END_TO_END[case.op].external_providers
+        runnable = [*(p for p in external if provider_unavailable(p) is None), *backends]
+        return runnable if requested is None else [p for p in requested if p in runnable]
+    if requested is not None:  # asked for by name, the reference backend is timed even where it is stock
         return [p for p in requested if p in STOCK_PROVIDERS or p in backends]
     return [
         *STOCK_PROVIDERS,
@@ -470,10 +568,19 @@ def providers_for(
 @dataclass
 class ProviderCall:
     """A provider's prepared case: `run` is what gets timed; `comparable` turns its return value into the
-    tensors checked against the reference (outside any timing)."""
+    tensors checked against the reference (outside any timing); `setup`, when there is one, runs before
+    every call, verifying or timed, and is never timed: it puts back the state the timed work starts from
+    (weights and optimizer state a training step changed)."""
 
     run: Callable[[], object]
     comparable: Callable[[object], tuple[Tensor, ...]]
+    setup: Callable[[], None] | None = None
+
+    def fresh_run(self) -> object:
+        """`setup`, then `run`: one call from the starting state."""
+        if self.setup is not None:
+            self.setup()
+        return self.run()
 
 
 @dataclass
@@ -484,6 +591,18 @@ class BuiltCase:
     device: torch.device
     workload: Workload
     _expected: tuple[Tensor, ...] | None = field(default=None, repr=False)
+    # Op calls take micro- to milliseconds: warmed up, timed many times, profiled in a call of their own.
+    long_calls: ClassVar[bool] = False
+
+    @property
+    def shapes(self) -> dict[str, list[int]]:
+        """Named input/output shapes, for the report."""
+        return self.workload.shapes
+
+    @property
+    def note(self) -> str | None:
+        """What the report should say about the case beyond its shapes (op cases need nothing)."""
+        return None
 
     @property
     def bytes_moved(self) -> int | None:
@@ -546,7 +665,7 @@ class BuiltCase:
         if self._expected is None:
             with self.scope("reference"):
                 reference = self.call("reference")
-                self._expected = tuple(t.detach() for t in reference.comparable(reference.run()))
+                self._expected = tuple(t.detach() for t in reference.comparable(reference.fresh_run()))
         return self._expected
 
     def mismatch(self, actual: tuple[Tensor, ...]) -> str | None:
@@ -572,3 +691,615 @@ class BuiltCase:
                 tolerance = CONV_TOLERANCE[want.dtype]
                 return f"output {position}: max |error| {error:.3g} exceeds {tolerance:g} x {scale:.3g}"
         return None
+
+
+# ------------------------------------------------------------------------------------------ end-to-end
+@dataclass(frozen=True)
+class SpeedupBar:
+    """A target an issue sets: the fastest zfkernels backend at least `times` faster than `provider`."""
+
+    provider: str
+    times: float
+
+
+@dataclass
+class EndToEndWorkload:
+    """A whole workload, prepared: a factory per provider that returns its warm `ProviderCall`.
+
+    `ours` serves every zfkernels backend (it is called inside the backend's scope); `external` holds the
+    stock and third-party providers. A factory does all one-time work (model copies, torch.compile's
+    compilation), so the first call it returns is as warm as the next. Each output is compared with the
+    reference's within `tolerance` x its largest magnitude; with `slice_dims` > 0 every slice along the
+    leading `slice_dims` dimensions against its own (one projection must not hide behind a larger one).
+
+    `float64`, where given, computes the same result in float64 (comparable form). An output off the
+    reference by more than the tolerance then still passes if its error against float64, relative to its
+    scale, is at most twice the reference's worst over all outputs: fp32's own noise floor for this
+    workload (the guide's rule for arithmetic in another order, which torch.compile's training step needs:
+    see `_zfnet_train_workload`).
+    """
+
+    ours: Callable[[], ProviderCall]
+    external: dict[str, Callable[[], ProviderCall]]
+    output_names: list[str]
+    tolerance: float
+    shapes: dict[str, list[int]]
+    note: str
+    slice_dims: int = 0
+    float64: Callable[[], tuple[Tensor, ...]] | None = None
+
+
+@dataclass(frozen=True)
+class EndToEndSpec:
+    """An end-to-end case: its one shape and mode, the dtypes it runs in, and who it is measured against."""
+
+    name: str
+    shape: str
+    mode: str
+    dtypes: tuple[str, ...]
+    dtype_reason: str
+    external_providers: tuple[str, ...]
+    requires: tuple[str, ...]
+    # (batch, image_size, quick, device, seed) -> workload
+    build: Callable[[int, int, bool, torch.device, int], EndToEndWorkload]
+    bars: tuple[SpeedupBar, ...] = ()
+    memory_bar_bytes: int | None = None
+
+
+@dataclass
+class BuiltEndToEnd:
+    """An end-to-end case with its workload on the device; the same interface as `BuiltCase`."""
+
+    case: Case
+    device: torch.device
+    workload: EndToEndWorkload
+    _expected: tuple[Tensor, ...] | None = field(default=None, repr=False)
+    _float64: tuple[Tensor, ...] | None = field(default=None, repr=False)
+    _float64_floor: float | None = field(default=None, repr=False)
+    # Calls take seconds to minutes: the runner verifies, profiles and warms up in one call, and times few.
+    long_calls: ClassVar[bool] = True
+    bytes_moved: ClassVar[int | None] = None  # compute-bound: no bandwidth figure
+
+    @property
+    def shapes(self) -> dict[str, list[int]]:
+        return self.workload.shapes
+
+    @property
+    def note(self) -> str | None:
+        return self.workload.note
+
+    @contextlib.contextmanager
+    def scope(self, provider: str) -> Iterator[None]:
+        """Where `provider` must run: under its zfkernels backend, or as is."""
+        if provider in EXTERNAL_PROVIDERS:
+            yield
+        else:
+            with zfkernels.use_backend(provider):
+                yield
+
+    def call(self, provider: str) -> ProviderCall:
+        """Prepare `provider` (compiling, for "compile"); call this inside `scope(provider)`."""
+        if provider in self.workload.external:
+            return self.workload.external[provider]()
+        if provider in EXTERNAL_PROVIDERS:
+            raise ValueError(f"provider {provider!r} does not measure {self.case.id}")
+        return self.workload.ours()
+
+    def expected(self) -> tuple[Tensor, ...]:
+        """The reference backend's result, in comparable form (computed once, on first use)."""
+        if self._expected is None:
+            with self.scope("reference"):
+                reference = self.call("reference")
+                self._expected = tuple(t.detach() for t in reference.comparable(reference.fresh_run()))
+        return self._expected
+
+    def mismatch(self, actual: tuple[Tensor, ...]) -> str | None:
+        """Why `actual` differs from the reference (None if it agrees), naming the first differing output."""
+        expected = self.expected()
+        if len(actual) != len(expected):
+            return f"{len(actual)} outputs, expected {len(expected)}"
+        w = self.workload
+        for index, (name, got, want) in enumerate(zip(w.output_names, actual, expected, strict=True)):
+            problem = _scaled_mismatch(got, want, w.tolerance, w.slice_dims)
+            if problem is None:
+                continue
+            if w.float64 is None or got.shape != want.shape:
+                return f"{name}: {problem}"
+            error = _relative_error(got, self.float64_result()[index])
+            floor = self.float64_floor()
+            if not error <= 2 * floor:
+                return (
+                    f"{name}: {problem}; against float64 its error is {error:.3g} of its scale, over twice "
+                    f"the reference's worst ({floor:.3g})"
+                )
+        return None
+
+    def float64_result(self) -> tuple[Tensor, ...]:
+        """The workload's float64 result (computed once, on first use: only when a provider needs it)."""
+        if self.workload.float64 is None:
+            raise ValueError(f"{self.case.id} has no float64 computation")
+        if self._float64 is None:
+            self._float64 = self.workload.float64()
+        return self._float64
+
+    def float64_floor(self) -> float:
+        """fp32's noise floor here: the reference's largest error against float64 over all outputs, each
+        relative to its own scale."""
+        if self._float64_floor is None:
+            pairs = zip(self.expected(), self.float64_result(), strict=True)
+            self._float64_floor = max(_relative_error(want, truth) for want, truth in pairs)
+        return self._float64_floor
+
+
+def _relative_error(got: Tensor, truth: Tensor) -> float:
+    """max |got - truth| / max |truth|, in float64 (NaN counts as infinite; 0 for an all-zero match)."""
+    if got.numel() == 0:
+        return 0.0
+    truth = truth.double()
+    error = float((got.detach().double() - truth).abs().max().nan_to_num(math.inf))
+    return error / max(float(truth.abs().max()), 1e-300) if error else 0.0
+
+
+def _scaled_mismatch(got: Tensor, want: Tensor, tolerance: float, slice_dims: int) -> str | None:
+    """Max |got - want| within `tolerance` x max |want|, per slice along the leading `slice_dims` dims."""
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return f"is {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}"
+    if want.numel() == 0:
+        return None
+    lead = tuple(want.shape[:slice_dims])
+    got_slices = got.detach().float().reshape(math.prod(lead), -1)
+    want_slices = want.float().reshape(math.prod(lead), -1)
+    error = (got_slices - want_slices).abs().amax(dim=1)  # NaN where either is NaN: never within tolerance
+    scale = want_slices.abs().amax(dim=1)
+    failing = ~(error <= tolerance * scale.clamp(min=1e-30))
+    if not bool(failing.any()):
+        return None
+    worst = int(torch.where(failing, error / scale.clamp(min=1e-30), -1.0).nan_to_num(math.inf).argmax())
+    where = f" at {list(_unravel(worst, lead))}" if lead else ""
+    count = f" ({int(failing.sum())} of {len(failing)} slices)" if lead else ""
+    return (
+        f"max |error| {float(error[worst]):.3g}{where} exceeds {tolerance:g} x {float(scale[worst]):.3g}"
+        + count
+    )
+
+
+def _unravel(index: int, shape: Sequence[int]) -> tuple[int, ...]:
+    position = []
+    for size in reversed(shape):
+        position.append(index % size)
+        index //= size
+    return tuple(reversed(position))
+
+
+# ZFNet training step ---------------------------------------------------------------------------------
+TRAIN_LEARNING_RATE, TRAIN_MOMENTUM = 1e-2, 0.9  # the paper's SGD
+RENORM_RADIUS = 0.1  # the paper's filter RMS radius
+# Every fourth conv1 filter starts beyond the radius, as layer-1 filters grow in training (the paper's
+# reason to renormalize): so every step's renormalization rescales some filters and the check covers it (at
+# the paper's N(0, 1e-2) init no filter reaches the radius, and renormalization would be a no-op whose
+# omission no check could see). conv1 only: oversized filters in every layer compound into activations so
+# large that the LRN's gradient cancels catastrophically and fp32 providers disagree by 1e-3.
+OVERSIZED_FILTER_LAYER, OVERSIZED_FILTER_EVERY, OVERSIZED_FILTER_RMS = "conv1", 4, 0.15
+TRAIN_TOLERANCE = 1e-4
+DROPOUT_SEED = 1
+
+
+def _renormalize_ours(model: nn.Module) -> None:
+    # Looked up on every call, not bound at build time: a test can swap in a broken one.
+    zfkernels.renormalize_filters_(model, RENORM_RADIUS)
+
+
+def _renormalize_stock(model: nn.Module) -> None:
+    """The paper's filter renormalization with plain torch ops, as a stock training loop would write it."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                weight = module.weight
+                rms = weight.square().mean(dim=(1, 2, 3), keepdim=True).sqrt()
+                weight.mul_(torch.where(rms > RENORM_RADIUS, RENORM_RADIUS / rms, torch.ones_like(rms)))
+
+
+class _ZFNetTraining:
+    """ZFNet, its batch and its starting weights: what every provider's training step starts from."""
+
+    def __init__(self, batch: int, image_size: int, device: torch.device, seed: int):
+        if image_size not in VALID_INPUT_SIDES:
+            raise ValueError(
+                f"zfnet_train needs an image size in {VALID_INPUT_SIDES.start}..{VALID_INPUT_SIDES.stop - 1} "
+                f"(ZFNet's fc6 takes pool5 at 6x6), got {image_size}"
+            )
+        with torch.random.fork_rng(devices=[]):  # the paper's init draws from the global RNG: keep it apart
+            torch.manual_seed(seed)
+            template = ZFNet()
+        with torch.no_grad():
+            oversized = getattr(template, OVERSIZED_FILTER_LAYER).weight[::OVERSIZED_FILTER_EVERY]
+            oversized.mul_(OVERSIZED_FILTER_RMS / oversized.square().mean(dim=(1, 2, 3), keepdim=True).sqrt())
+        self.template = template.to(device)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        self.images = torch.randn((batch, 3, image_size, image_size), device=device, generator=generator)
+        self.labels = torch.randint(0, template.num_classes, (batch,), device=device, generator=generator)
+        self.initial = {name: p.detach().clone() for name, p in self.template.named_parameters()}
+        self.names = list(self.initial)
+
+    def ours(self) -> ProviderCall:
+        """Our ZFNet (zfkernels pools and ReLUs) under whichever backend is in scope."""
+        return self.trainer(copy.deepcopy(self.template), _renormalize_ours)
+
+    def stock(self, compiled: bool) -> ProviderCall:
+        """The same net in stock torch layers; `compiled`: forward + loss through torch.compile."""
+        return self.trainer(self.template.to_stock(), _renormalize_stock, compiled)
+
+    def float64(self) -> tuple[Tensor, ...]:
+        """The stock step in float64 from the same weights, batch and dropout masks (dropout draws the same
+        masks in float64 as in float32), in comparable form."""
+        images, initial = self.images.double(), {name: t.double() for name, t in self.initial.items()}
+        step = self.trainer(
+            self.template.to_stock().double(), _renormalize_stock, images=images, initial=initial
+        )
+        return tuple(t.detach() for t in step.comparable(step.fresh_run()))
+
+    def trainer(
+        self,
+        model: nn.Module,
+        renormalize: Callable[[nn.Module], None],
+        compiled: bool = False,
+        images: Tensor | None = None,
+        initial: dict[str, Tensor] | None = None,
+    ) -> ProviderCall:
+        """One SGD step of `model` as a ProviderCall: `setup` restores the weights, zeroes the momentum and
+        reseeds dropout; `run` is zero_grad, forward, cross-entropy, backward, optimizer step, renormalize.
+        `images` and `initial` (weights) default to the workload's; float64 passes its own."""
+        images = self.images if images is None else images
+        initial = self.initial if initial is None else initial
+        parameters = dict(model.named_parameters())
+        if list(parameters) != self.names:
+            raise ValueError(f"{type(model).__name__} does not have ZFNet's parameters")
+        optimizer = torch.optim.SGD(
+            list(parameters.values()), lr=TRAIN_LEARNING_RATE, momentum=TRAIN_MOMENTUM
+        )
+        # Zero momentum makes a step equal to a fresh optimizer's first (0.9 * 0 + g == g exactly) at the
+        # cost of a steady-state step: no buffer is allocated inside the timed call.
+        momentum = {name: torch.zeros_like(p) for name, p in parameters.items()}
+        for name, p in parameters.items():
+            optimizer.state[p]["momentum_buffer"] = momentum[name]
+        labels = self.labels
+
+        def loss_of(x: Tensor, y: Tensor) -> Tensor:
+            return F.cross_entropy(model(x), y)
+
+        if compiled:
+            torch._dynamo.reset()  # a fresh cache, as for the op cases
+            # fallback_random: inductor's own RNG would draw other dropout masks than eager's.
+            loss_of = torch.compile(loss_of, dynamic=False, fullgraph=True, options={"fallback_random": True})
+
+        def setup() -> None:
+            with torch.no_grad():
+                for name, p in parameters.items():
+                    p.copy_(initial[name])
+                    momentum[name].zero_()
+            torch.manual_seed(DROPOUT_SEED)  # same masks for every provider: our ops draw no random numbers
+
+        def step() -> Tensor:
+            optimizer.zero_grad()
+            loss = loss_of(images, labels)
+            loss.backward()
+            optimizer.step()
+            renormalize(model)
+            return loss.detach()
+
+        def comparable(loss: object) -> tuple[Tensor, ...]:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters.values()]
+            updates = [p.detach() - initial[name] for name, p in parameters.items()]
+            return (loss, *grads, *updates)
+
+        call = ProviderCall(step, comparable, setup)
+        if compiled:
+            call.fresh_run()  # compiles forward and (AOTAutograd) backward here, never in a verified call
+        return call
+
+
+def _zfnet_train_workload(
+    batch: int, image_size: int, quick: bool, device: torch.device, seed: int
+) -> EndToEndWorkload:
+    training = _ZFNetTraining(batch, image_size, device, seed)
+    names = training.names
+    return EndToEndWorkload(
+        ours=training.ours,
+        external={"eager": lambda: training.stock(False), "compile": lambda: training.stock(True)},
+        output_names=["loss", *(f"grad {n}" for n in names), *(f"update {n}" for n in names)],
+        tolerance=TRAIN_TOLERANCE,
+        float64=training.float64,
+        shapes={
+            "images": list(training.images.shape),
+            "parameters": [sum(p.numel() for p in training.initial.values())],
+        },
+        note=(
+            f"one SGD step of ZFNet (1000 classes, LRN, dropout 0.5) at batch {batch}: zero_grad, forward, "
+            f"cross-entropy, backward, SGD step (lr {TRAIN_LEARNING_RATE:g}, momentum {TRAIN_MOMENTUM:g}), "
+            f"filter renormalization to RMS {RENORM_RADIUS:g} (zfkernels.renormalize_filters_ for the "
+            "backends, plain torch ops for eager/compile). Untimed before each call: weights and momentum "
+            "restored, dropout reseeded. eager/compile: ZFNet.to_stock(); compile: torch.compile of "
+            "forward + loss (the backward compiled by AOTAutograd, fallback_random for eager's dropout "
+            "masks), step and renormalization eager. Checked: loss, every gradient and every parameter "
+            "update within 1e-4 of its scale of the reference backend's, or, relative to its scale, no "
+            "further from a float64 step than twice fp32's own worst error (the reference's; torch.compile "
+            "rounds differently, and activations within rounding of zero flip ReLU and max-pool gates, so "
+            "fp32 conv gradients here are ~1e-2 of their scale from float64)"
+        ),
+    )
+
+
+# DeconvNet workload ----------------------------------------------------------------------------------
+DECONVNET_LAYER = "features.10"  # torchvision AlexNet's conv5
+DECONVNET_IMAGES, DECONVNET_FILTERS = 9, 256  # the issue's workload: every conv5 filter, the paper's top 9
+QUICK_DECONVNET_IMAGES, QUICK_DECONVNET_FILTERS = 2, 8
+DECONVNET_TOLERANCE = 1e-4
+# Projections per dense chunk: at AlexNet's 224x224 a projection's largest maps (64x55x55 unpooled values
+# and their int64 indices) take about 2 MB, so a chunk's intermediates stay near 150 MB.
+DENSE_CHUNK = 64
+
+
+class _DenseStep(NamedTuple):
+    """One layer of the dense stock deconvnet, top down."""
+
+    kind: str  # "conv", "relu" or "pool"
+    weight: Tensor | None  # conv: the forward weight, used transposed
+    indices: Tensor | None  # pool: F.max_pool2d's int64 indices (B, C, h, w) into each (H, W) input map
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    output_padding: tuple[int, int]
+    size: tuple[int, int]  # (H, W) of the layer's input: where the step lands
+
+
+def _dense_chunk(
+    image_index: Tensor,
+    flat_position: Tensor,
+    value: Tensor,
+    top: tuple[int, int, int],
+    steps: tuple[_DenseStep, ...],
+) -> Tensor:
+    """Project a chunk of single activations with stock ops on full-size maps: (k, C, H, W) pixels.
+
+    Each projection starts as a one-hot map (its value at its channel and position in the layer's output);
+    going down, pools unpool by scatter_add_ at the recorded indices, which sums where overlapping windows
+    share an argmax, as the gradient does (F.max_unpool2d would overwrite there), then ReLU and the
+    transposed conv with the layer's weights and no bias.
+    """
+    k = image_index.shape[0]
+    channels, height, width = top
+    rows = torch.arange(k, device=value.device)
+    signal = value.new_zeros((k, channels * height * width)).index_put((rows, flat_position), value)
+    signal = signal.view(k, channels, height, width)
+    for step in steps:
+        if step.kind == "conv":
+            signal = F.conv_transpose2d(
+                signal, step.weight, None, step.stride, step.padding, step.output_padding
+            )
+        elif step.kind == "relu":
+            signal = F.relu(signal)
+        else:
+            indices = step.indices.index_select(0, image_index).flatten(2)
+            unpooled = signal.new_zeros((k, signal.shape[1], step.size[0] * step.size[1]))
+            signal = unpooled.scatter_add(2, indices, signal.flatten(2)).view(k, -1, *step.size)
+    return signal
+
+
+class _DenseDeconvnet:
+    """Zeiler & Fergus's deconvnet written with stock PyTorch ops only, dense and batched.
+
+    The forward records the switches with `F.max_pool2d(return_indices=True)`; then every (image, filter)
+    projection is a full-size map at every layer on the way down (`_dense_chunk`), batched over images x
+    filters in chunks of `DENSE_CHUNK`. The last chunk is padded with zero-valued projections so that every
+    chunk has one shape (torch.compile then compiles once).
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], compiled: bool):
+        self.layers = list(layers)
+        self.compiled = compiled
+        if compiled:
+            torch._dynamo.reset()  # a fresh cache, as for the op cases
+            self.chunk_fn = torch.compile(_dense_chunk, dynamic=False, fullgraph=True)
+        else:
+            self.chunk_fn = _dense_chunk
+
+    def _forward(self, images: Tensor) -> tuple[Tensor, tuple[_DenseStep, ...]]:
+        x, steps = images, []
+        for module in self.layers:
+            size = (x.shape[-2], x.shape[-1])
+            if isinstance(module, nn.Conv2d):
+                if module.groups != 1 or tuple(module.dilation) != (1, 1):
+                    raise ValueError("the dense deconvnet handles plain convolutions only")
+                x = F.conv2d(x, module.weight, module.bias, module.stride, module.padding)
+                stride, padding, kernel = module.stride, module.padding, module.kernel_size
+                output_padding = tuple(
+                    size[i] - ((x.shape[-2 + i] - 1) * stride[i] - 2 * padding[i] + kernel[i])
+                    for i in range(2)
+                )
+                steps.append(
+                    _DenseStep("conv", module.weight.detach(), None, stride, padding, output_padding, size)
+                )
+            elif isinstance(module, nn.ReLU):
+                x = F.relu(x)
+                steps.append(_DenseStep("relu", None, None, (1, 1), (0, 0), (0, 0), size))
+            elif isinstance(module, nn.MaxPool2d):
+                x, indices = F.max_pool2d(
+                    x,
+                    module.kernel_size,
+                    module.stride,
+                    module.padding,
+                    module.dilation,
+                    module.ceil_mode,
+                    return_indices=True,
+                )
+                steps.append(_DenseStep("pool", None, indices, (1, 1), (0, 0), (0, 0), size))
+            else:
+                raise TypeError(f"the dense deconvnet cannot invert {type(module).__name__}")
+        return x, tuple(reversed(steps))
+
+    def _chunks(self, images: Tensor, filters: Sequence[int]) -> Iterator[tuple[slice, Callable[[], Tensor]]]:
+        """The forward, then per chunk of projections its slice of the output and the call computing it."""
+        activation, steps = self._forward(images)
+        count, (channels, height, width) = len(filters), activation.shape[1:]
+        chosen = torch.tensor(list(filters), device=images.device)
+        values, where = activation.index_select(1, chosen).flatten(2).max(dim=2)  # the strongest per map
+        total = values.numel()
+        image_index = torch.arange(images.shape[0], device=images.device).repeat_interleave(count)
+        flat_position = (chosen.view(1, -1) * (height * width) + where).reshape(-1)
+        value = values.clamp(min=0).reshape(-1)  # the maps are rectified: non-positive projects to zeros
+        chunk = min(DENSE_CHUNK, total)
+        for start in range(0, total, chunk):
+            stop = min(start + chunk, total)
+            pieces = [t[start:stop] for t in (image_index, flat_position, value)]
+            if stop - start < chunk:  # pad with zero-valued projections: one shape for every chunk
+                pieces = [F.pad(t, (0, chunk - (stop - start))) for t in pieces]
+            yield (
+                slice(start, stop),
+                functools.partial(self.chunk_fn, *pieces, (channels, height, width), steps),
+            )
+
+    def __call__(self, images: Tensor, filters: Sequence[int]) -> Tensor:
+        """Pixels (B, F, 1, C, H, W): each image's strongest activation of each filter, projected."""
+        with torch.no_grad():
+            pixels = images.new_empty((images.shape[0] * len(filters), *images.shape[1:]))
+            for where, compute in self._chunks(images, filters):
+                pixels[where] = compute()[: where.stop - where.start]
+        return pixels.view(images.shape[0], len(filters), 1, *images.shape[1:])
+
+    def warm_up(self, images: Tensor, filters: Sequence[int]) -> None:
+        """Run the forward and one chunk: for torch.compile, the compilation."""
+        with torch.no_grad():
+            _, compute = next(self._chunks(images, filters))
+            compute()
+
+
+def _captum_projections(
+    model: nn.Module, layer_name: str, images: Tensor, filters: Sequence[int]
+) -> Callable[[], Tensor]:
+    """captum's deconvnet, one `NeuronDeconvolution.attribute` call per filter, scaled to projections.
+
+    The neuron selector takes each image's strongest activation of the filter (and keeps its value); the
+    attribution is the deconvnet gradient of that activation, so the projection is it times the value,
+    zero where the value is not positive. captum hooks nn.ReLU modules and cannot hook in-place ones:
+    it gets a copy of the model with inplace=False ReLUs.
+    """
+    from captum.attr import NeuronDeconvolution
+
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    deconvolution = NeuronDeconvolution(model, dict(model.named_modules())[layer_name])
+    inputs = images.detach().clone().requires_grad_()  # captum differentiates with respect to the inputs
+
+    def run() -> Tensor:
+        pixels = images.new_zeros((images.shape[0], len(filters), 1, *images.shape[1:]))
+        for column, channel in enumerate(filters):
+            strongest: list[Tensor] = []
+
+            def selector(
+                output: Tensor, channel: int = channel, strongest: list[Tensor] = strongest
+            ) -> Tensor:
+                values = output[:, channel].flatten(1).max(dim=1).values
+                strongest.append(values.detach())
+                return values
+
+            with warnings.catch_warnings():  # one "setting backward hooks" warning per call
+                warnings.filterwarnings("ignore", message="Setting backward hooks", category=UserWarning)
+                gradient = deconvolution.attribute(inputs, selector)
+            pixels[:, column, 0] = gradient * strongest[-1].clamp(min=0).view(-1, 1, 1, 1)
+        return pixels
+
+    return run
+
+
+def _deconvnet_workload(
+    batch: int, image_size: int, quick: bool, device: torch.device, seed: int
+) -> EndToEndWorkload:
+    """The issue's workload; `batch` does not apply (9 images, the paper's top 9; 2 with `quick`)."""
+    import torchvision
+
+    from ..deconvnet.projection import DeconvNet
+
+    count, filter_count = (
+        (QUICK_DECONVNET_IMAGES, QUICK_DECONVNET_FILTERS) if quick else (DECONVNET_IMAGES, DECONVNET_FILTERS)
+    )
+    with torch.random.fork_rng(devices=[]):  # torchvision's init draws from the global RNG: keep it apart
+        torch.manual_seed(seed)
+        model = torchvision.models.alexnet(weights=None).eval()
+    model = model.to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    images = torch.randn((count, 3, image_size, image_size), device=device, generator=generator)
+    all_filters = model.features[10].out_channels
+    if filter_count > all_filters:
+        raise ValueError(f"AlexNet's {DECONVNET_LAYER} has {all_filters} filters, not {filter_count}")
+    filters = list(range(filter_count))
+    layers = model.features[: int(DECONVNET_LAYER.rsplit(".", 1)[1]) + 1]
+
+    def as_pixels(pixels: object) -> tuple[Tensor, ...]:
+        return (pixels,)
+
+    def ours() -> ProviderCall:
+        deconvnet = DeconvNet(model)
+        chosen = None if filter_count == all_filters else filters  # the issue's call: every filter
+        return ProviderCall(
+            lambda: deconvnet.project(images, DECONVNET_LAYER, chosen, top=1).pixels, as_pixels
+        )
+
+    def dense(compiled: bool) -> ProviderCall:
+        deconvnet = _DenseDeconvnet(layers, compiled)
+        if compiled:
+            deconvnet.warm_up(images, filters)
+        return ProviderCall(lambda: deconvnet(images, filters), as_pixels)
+
+    def captum() -> ProviderCall:
+        return ProviderCall(_captum_projections(model, DECONVNET_LAYER, images, filters), as_pixels)
+
+    reduced = f" (--quick: reduced from {DECONVNET_IMAGES} x {DECONVNET_FILTERS})" if quick else ""
+    return EndToEndWorkload(
+        ours=ours,
+        external={"eager": lambda: dense(False), "compile": lambda: dense(True), "captum": captum},
+        output_names=["pixels"],
+        tolerance=DECONVNET_TOLERANCE,
+        slice_dims=3,
+        shapes={"images": list(images.shape), "pixels": [count, filter_count, 1, *images.shape[1:]]},
+        note=(
+            f"top-1 projection of {filter_count} filters of torchvision AlexNet {DECONVNET_LAYER} (conv5) "
+            f"for {count} images{reduced}, random weights and images, fp32. Backends: "
+            f"DeconvNet(model).project(images, '{DECONVNET_LAYER}', top=1); eager: a dense batched deconvnet "
+            f"in stock ops (max_pool2d indices, scatter_add unpool, relu, conv_transpose2d; {DENSE_CHUNK} "
+            "projections per chunk); compile: torch.compile of its per-chunk function; captum: one "
+            "NeuronDeconvolution.attribute per filter (per-image max selector) x the activation. "
+            "Checked: every projection within 1e-4 of its own largest magnitude"
+        ),
+    )
+
+
+END_TO_END: dict[str, EndToEndSpec] = {
+    spec.name: spec
+    for spec in (
+        EndToEndSpec(
+            "zfnet_train",
+            shape="ZFNet",
+            mode="full",
+            dtypes=("fp32",),
+            dtype_reason="the paper trains in fp32; under bf16 autocast torch.compile's gradients differ "
+            "from eager's by a quarter of their scale (inductor keeps fused intermediates in fp32), so a "
+            "bf16 step has no check every provider can pass",
+            external_providers=("eager", "compile"),
+            requires=(),
+            build=_zfnet_train_workload,
+        ),
+        EndToEndSpec(
+            "deconvnet",
+            shape="AlexNet.conv5",
+            mode="forward",
+            dtypes=("fp32",),
+            dtype_reason="the issue's workload is fp32 on the CPU",
+            external_providers=("eager", "compile", "captum"),
+            requires=("torchvision",),
+            build=_deconvnet_workload,
+            bars=(SpeedupBar("captum", 30.0), SpeedupBar("eager", 10.0)),
+            memory_bar_bytes=3 * 10**9,
+        ),
+    )
+}

@@ -2,6 +2,8 @@
 comparison of a run against a stored one.
 
 Ratios are stock eager's median over the provider's median, so above 1 is faster than stock PyTorch.
+End-to-end cases add what one call does (`BenchRun.notes`) and, where an issue set targets (speedup over
+captum or the dense stock deconvnet, peak memory), whether the fastest backend met them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cases import STOCK_PROVIDERS
+from .cases import END_TO_END, EXTERNAL_PROVIDERS, QUICK_DECONVNET_FILTERS, QUICK_DECONVNET_IMAGES
 from .runner import OK, BenchRun, Cell, CopyBandwidth, Machine, Settings, Timing, TimingPolicy
 
 JSON_NAME, MARKDOWN_NAME, CHART_NAME = "results.json", "report.md", "speedups.png"
@@ -22,9 +24,11 @@ SCHEMA_VERSION = 1
 
 
 def provider_order(run: BenchRun) -> list[str]:
-    """Stock providers first, then the backends in the order they were measured."""
+    """Stock and third-party providers first, then the backends in the order they were measured."""
     measured = list(dict.fromkeys(cell.provider for cell in run.cells))
-    return [p for p in STOCK_PROVIDERS if p in measured] + [p for p in measured if p not in STOCK_PROVIDERS]
+    return [p for p in EXTERNAL_PROVIDERS if p in measured] + [
+        p for p in measured if p not in EXTERNAL_PROVIDERS
+    ]
 
 
 def _rows(run: BenchRun) -> dict[tuple[str, str, str, str], dict[str, Cell]]:
@@ -44,7 +48,7 @@ def speedup(cells: dict[str, Cell], provider: str) -> float | None:
 
 def fastest_backend(cells: dict[str, Cell]) -> Cell | None:
     """The quickest timed zfkernels backend of a row: the one whose bandwidth the table quotes."""
-    timed = [c for p, c in cells.items() if p not in STOCK_PROVIDERS and c.timing is not None]
+    timed = [c for p, c in cells.items() if p not in EXTERNAL_PROVIDERS and c.timing is not None]
     return min(timed, key=lambda c: c.timing.median_ms) if timed else None
 
 
@@ -85,8 +89,50 @@ def format_header(run: BenchRun) -> str:
             f"batch {s.batch}, ZFNet at {s.image_size}x{s.image_size}; "
             f"plain copy of {copy.nbytes / 2**20:.0f} MiB: {copy.preallocated_gbps:.1f} GB/s into a "
             f"preallocated tensor, {copy.fresh_gbps:.1f} GB/s with a fresh allocation (clone)",
+            *([quick_note(s)] if s.quick else []),
         ]
     )
+
+
+def quick_note(settings: Settings) -> str:
+    return (
+        f"--quick: reduced workloads (batch {settings.batch}; deconvnet {QUICK_DECONVNET_IMAGES} images x "
+        f"{QUICK_DECONVNET_FILTERS} filters): not comparable with a full run, and the end-to-end targets "
+        "are set for the full workloads"
+    )
+
+
+def target_lines(run: BenchRun) -> list[str]:
+    """For each end-to-end case with targets: the fastest backend's speedup over each named provider and its
+    peak memory, against the targets (measured, never asserted)."""
+    lines = []
+    for key, cells in _rows(run).items():
+        spec = END_TO_END.get(key[0])
+        if spec is None or not (spec.bars or spec.memory_bar_bytes):
+            continue
+        best = fastest_backend(cells)
+        if best is None:
+            lines.append(f"{'/'.join(key)}: no zfkernels backend was timed, so no target can be judged")
+            continue
+        results = []
+        for bar in spec.bars:
+            other = cells.get(bar.provider)
+            if other is None or other.timing is None:
+                why = "not measured" if other is None else other.status.upper()
+                results.append(f"vs {bar.provider}: {why} (target >= {bar.times:g}x)")
+                continue
+            ratio = other.timing.median_ms / best.timing.median_ms
+            met = "met" if ratio >= bar.times else "NOT met"
+            results.append(f"{ratio:.1f}x faster than {bar.provider} (target >= {bar.times:g}x: {met})")
+        if spec.memory_bar_bytes is not None and best.peak_memory_bytes is not None:
+            met = "met" if best.peak_memory_bytes < spec.memory_bar_bytes else "NOT met"
+            results.append(
+                f"peak memory {best.peak_memory_bytes / 1e9:.2f} GB "
+                f"(target < {spec.memory_bar_bytes / 1e9:g} GB: {met})"
+            )
+        quick = " [quick workload]" if run.settings.quick else ""
+        lines.append(f"{'/'.join(key)}{quick}: {best.provider} is " + "; ".join(results))
+    return lines
 
 
 def _load_text(machine: Machine) -> str:
@@ -102,7 +148,7 @@ def format_table(run: BenchRun) -> str:
     """The compact terminal table: median ms and speedup over stock eager per provider, one row per case;
     for memory-bound ops the fastest backend's GB/s and its share of the preallocated copy's bandwidth."""
     providers = provider_order(run)
-    header = ["op", "layer", "mode", "dtype"]
+    header = ["op", "shape", "mode", "dtype"]
     for provider in providers:
         header += [f"{provider} ms"] if provider == "eager" else [f"{provider} ms", "x"]
     header += ["GB/s", "%copy", "peak MB eager/best"]
@@ -145,7 +191,17 @@ def format_table(run: BenchRun) -> str:
         "GB/s, %copy and peak 'best': the fastest zfkernels backend",
         f"peak MB: allocated during one call above the inputs, from {run.machine.peak_memory_method}",
     ]
-    return "\n".join([*lines, *legend, *(["not timed:", *notes] if notes else [])])
+    targets = target_lines(run)
+    described = [f"  {case_id}: {note}" for case_id, note in run.notes.items()]
+    return "\n".join(
+        [
+            *lines,
+            *legend,
+            *(["end-to-end cases:", *described] if described else []),
+            *(["targets:", *(f"  {line}" for line in targets)] if targets else []),
+            *(["not timed:", *notes] if notes else []),
+        ]
+    )
 
 
 def markdown_report(run: BenchRun, chart_note: str) -> str:
@@ -172,12 +228,16 @@ def markdown_report(run: BenchRun, chart_note: str) -> str:
         f"- CPU threads: {m.threads} (pinned with torch.set_num_threads); {_load_text(m)}",
         f"- Batch {s.batch}, ZFNet layers at {s.image_size}x{s.image_size} input; {repeats}; wall time "
         f"{run.wall_s:.0f} s",
+        *([f"- {quick_note(s)}"] if s.quick else []),
+        f"- End-to-end cases: the verifying call is the warm-up and is profiled for peak memory; then the "
+        f"calls that fit in {policy.long_budget_s:g} s are timed (at least 1, at most {policy.min_repeats})",
         f"- Plain copy of {copy.nbytes / 2**20:.0f} MiB (read + write): {copy.preallocated_gbps:.1f} GB/s "
         f"into a preallocated tensor (the %copy yardstick), {copy.fresh_gbps:.1f} GB/s with a fresh "
         "allocation",
         f"- Peak memory: {m.peak_memory_method}",
         "- Every provider's result was checked against the reference backend before timing (pool, unpool, "
-        "ReLU bit for bit; convolutions allclose); FAILED cells differ and were not timed.",
+        "ReLU bit for bit; convolutions and end-to-end cases allclose); FAILED cells differ and were not "
+        "timed.",
         "- Ratio: stock eager median / provider median (above 1 is faster). GB/s: the op's own bytes "
         "(inputs read + outputs written, uint8 switches) over the median.",
         f"- Chart: {chart_note}",
@@ -188,7 +248,7 @@ def markdown_report(run: BenchRun, chart_note: str) -> str:
         lines += [
             f"## {op}",
             "",
-            "| layer | mode | dtype | provider | median ms | p20-p80 ms | ratio | GB/s | "
+            "| shape | mode | dtype | provider | median ms | p20-p80 ms | ratio | GB/s | "
             "%copy | peak MB | shapes |",
             "|---|---|---|---|---:|---|---:|---:|---:|---:|---|",
         ]
@@ -206,6 +266,12 @@ def markdown_report(run: BenchRun, chart_note: str) -> str:
                 lines.append("| " + " | ".join(_markdown_cells(cell, cells, copy) + [shapes]) + " |")
                 shapes = ""
         lines.append("")
+        for case_id in ("-".join(key) for key in rows if key[0] == op):
+            if case_id in run.notes:
+                lines += [f"{case_id}: {run.notes[case_id]}", ""]
+    targets = target_lines(run)
+    if targets:
+        lines += ["## Targets (measured, not asserted)", "", *(f"- {line}" for line in targets), ""]
     problems = [c for c in run.cells if c.status != OK]
     if problems:
         lines += (
@@ -258,6 +324,7 @@ def run_from_json(data: dict[str, Any]) -> BenchRun:
             cases=data["cases"],
             cells=cells,
             wall_s=data["wall_s"],
+            notes=data.get("notes", {}),  # absent in records written before the end-to-end cases
         )
     except (KeyError, TypeError) as error:
         raise ValueError(f"malformed zfkernels bench record ({type(error).__name__}: {error})") from error
@@ -295,15 +362,20 @@ def write_chart(run: BenchRun, path: Path) -> str | None:
     widest = max(sum(key[0] == op for key in rows) for op in ops)
     figure, axes = plt.subplots(len(ops), 1, figsize=(max(7.0, 0.25 + 0.9 * widest), 3.0 * len(ops)),
                                 squeeze=False, layout="constrained")  # fmt: skip
-    width = 0.8 / len(providers)
+    colors = {provider: f"C{index}" for index, provider in enumerate(providers)}  # one per provider
     for axis, op in zip(axes[:, 0], ops, strict=True):
         keys = [key for key in rows if key[0] == op]
+        # A panel's own providers only (captum measures the deconvnet alone); same slots for all its cases.
+        shown = [p for p in providers if any(p in rows[key] for key in keys)]
+        width = 0.8 / max(len(shown), 1)
         measured = []
-        for index, provider in enumerate(providers):
+        for index, provider in enumerate(shown):
             ratios = [speedup(rows[key], provider) or math.nan for key in keys]
             measured += [r for r in ratios if not math.isnan(r)]
-            positions = [k + (index - (len(providers) - 1) / 2) * width for k in range(len(keys))]
-            bars = axis.bar(positions, [r - 1 for r in ratios], width, bottom=1, label=provider)
+            positions = [k + (index - (len(shown) - 1) / 2) * width for k in range(len(keys))]
+            bars = axis.bar(
+                positions, [r - 1 for r in ratios], width, bottom=1, label=provider, color=colors[provider]
+            )
             axis.bar_label(bars, labels=["" if math.isnan(r) else f"{r:.2g}" for r in ratios], fontsize=6)
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_yscale("log")
@@ -395,13 +467,14 @@ def run_differences(old: BenchRun, new: BenchRun) -> list[str]:
         "device": (old.machine.device_name, new.machine.device_name),
         "threads": (old.machine.threads, new.machine.threads),
         "batch": (old.settings.batch, new.settings.batch),
+        "quick": (old.settings.quick, new.settings.quick),
         "torch": (old.machine.torch, new.machine.torch),
     }
     return [f"{name}: {before} -> {after}" for name, (before, after) in pairs.items() if before != after]
 
 
 def format_comparison(changes: Sequence[CellChange], threshold: float, differences: Sequence[str]) -> str:
-    header = ["op", "layer", "mode", "dtype", "provider", "old ms", "new ms", "change"]
+    header = ["op", "shape", "mode", "dtype", "provider", "old ms", "new ms", "change"]
     body = [
         [
             *change.key,

@@ -3,6 +3,11 @@
 Timing rules, for every provider alike: the device is synchronized around each timed call (CUDA events on
 a GPU), the first call (which compiles, for "compile") and a warm-up are never timed, CPU threads are pinned
 with torch.set_num_threads, and a provider whose result differs from the reference is not timed at all.
+A provider's `setup` (restoring the state a training step changed) runs before every call, untimed.
+
+End-to-end cases (`built.long_calls`) take seconds to minutes a call, so their verifying call is also their
+warm-up and runs under the memory profiler (its overhead costs no timing there); then as many calls as fit
+in `TimingPolicy.long_budget_s` are timed, at least one and at most `min_repeats`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import zfkernels
 
 from .. import memory
 from .._extension import cpu_module
-from .cases import BuiltCase, Case, providers_for
+from .cases import BuiltCase, BuiltEndToEnd, Case, ProviderCall, providers_for
 
 OK, FAILED, ERROR = "ok", "failed", "error"
 
@@ -46,6 +51,8 @@ class TimingPolicy:
     # outputs fault in their pages again (huge pages need compaction), which the back-to-back default,
     # like pytest-benchmark, does not charge.
     interleave: bool = False
+    # End-to-end cases: timed calls that fit in this many seconds, judged by the verifying call's time.
+    long_budget_s: float = 30.0
 
 
 @dataclass
@@ -127,6 +134,8 @@ class Settings:
     providers: list[str] | None
     policy: TimingPolicy
     copy_mib: int = 256
+    # Reduced end-to-end workloads (fewer images and filters for the deconvnet; the batch is `batch`).
+    quick: bool = False
 
 
 @dataclass
@@ -137,6 +146,7 @@ class BenchRun:
     cases: dict[str, dict[str, list[int]]]  # case id -> named input/output shapes
     cells: list[Cell] = field(default_factory=list)
     wall_s: float = 0.0
+    notes: dict[str, str] = field(default_factory=dict)  # case id -> what one call does (end-to-end cases)
 
 
 def synchronize(device: torch.device) -> None:
@@ -153,8 +163,13 @@ def time_call(fn: Callable[[], object], device: torch.device, policy: TimingPoli
     return time_side_by_side([fn], device, policy)[0]
 
 
-def _timed_once(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds for one call, the device synchronized before and after (CUDA events time the GPU's work)."""
+def _timed_once(
+    fn: Callable[[], object], device: torch.device, setup: Callable[[], None] | None = None
+) -> float:
+    """Seconds for one call, the device synchronized before and after (CUDA events time the GPU's work);
+    `setup` runs first, outside the timing."""
+    if setup is not None:
+        setup()
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         synchronize(device)
@@ -184,15 +199,20 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     allocation events are summed in order, and the output cache's high-water mark (memory torch does not
     allocate) is added; None if this torch's profiler does not expose its events.
     """
+    result, peak = call_with_peak_memory(fn, device)
+    del result
+    return peak
+
+
+def call_with_peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[object, int | None]:
+    """`fn()` and its peak memory as `peak_memory` measures it (the result is kept, for checking)."""
     if device.type == "cuda":
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         result = fn()
         synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-        del result
-        return peak
+        return result, torch.cuda.max_memory_allocated(device) - before
     cache_before = _output_cache_in_use(reset_peak=True)
     with (
         _stderr_silenced(),
@@ -201,10 +221,10 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
         ) as profile,
     ):
         result = fn()
-        del result  # inside the profile: the frees must be seen with the allocations
+    # Frees after the call cannot raise the peak, so the result may outlive the profile.
     results = getattr(profile.profiler, "kineto_results", None)
     if results is None:
-        return None
+        return result, None
     events = sorted((e for e in results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
     held = peak = 0
     for event in events:
@@ -212,7 +232,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
         peak = max(peak, held)
     if cache_before is not None:
         peak += memory.cache_info()["peak_in_use"] - cache_before
-    return peak
+    return result, peak
 
 
 def _output_cache_in_use(reset_peak: bool) -> int | None:
@@ -288,18 +308,30 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
-def measure_cell(built: BuiltCase, provider: str, policy: TimingPolicy) -> Cell:
+def measure_cell(built: BuiltCase | BuiltEndToEnd, provider: str, policy: TimingPolicy) -> Cell:
     """One provider of a case: see measure_case."""
     return measure_case(built, [provider], policy)[0]
 
 
-def measure_case(built: BuiltCase, providers: Sequence[str], policy: TimingPolicy) -> list[Cell]:
+@dataclass
+class _Verified:
+    """A provider that passed its check: its scoped calls, and how long its verifying call took."""
+
+    run: Callable[[], object]
+    setup: Callable[[], None] | None
+    first_call_s: float
+
+
+def measure_case(
+    built: BuiltCase | BuiltEndToEnd, providers: Sequence[str], policy: TimingPolicy
+) -> list[Cell]:
     """Verify every provider against the reference, then time the verified ones side by side.
 
     A provider that raises, or whose result differs from the reference, gets a cell that says so and no
     timing: the suite must keep going when one kernel is broken, but never time it. The verified
     providers are timed one after another, or with `policy.interleave` in rounds of one call each, so a
-    machine whose speed drifts during the case shifts every provider alike.
+    machine whose speed drifts during the case shifts every provider alike. End-to-end cases are timed
+    one provider after another, their peak memory taken in the verifying call (see the module docstring).
     """
     case = built.case
     cells = [
@@ -312,37 +344,59 @@ def measure_case(built: BuiltCase, providers: Sequence[str], policy: TimingPolic
         for cell in cells:
             cell.status, cell.message = ERROR, f"reference failed: {_one_line(error)}"
         return cells
-    runners: dict[int, Callable[[], object]] = {}
+    verified: dict[int, _Verified] = {}
     for index, (provider, cell) in enumerate(zip(providers, cells, strict=True)):
         try:
             with built.scope(provider):
                 call = built.call(provider)
-                mismatch = built.mismatch(call.comparable(call.run()))
+                if call.setup is not None:
+                    call.setup()
+                started = time.perf_counter()
+                if built.long_calls:
+                    result, cell.peak_memory_bytes = call_with_peak_memory(call.run, built.device)
+                else:
+                    result = call.run()
+                synchronize(built.device)
+                first_call_s = time.perf_counter() - started
+                mismatch = built.mismatch(call.comparable(result))
+                del result
             if mismatch is not None:
-                cell.status, cell.message = FAILED, mismatch
+                cell.status, cell.message, cell.peak_memory_bytes = FAILED, mismatch, None
             else:
-                runners[index] = _in_scope(built, provider, call.run)
+                verified[index] = _Verified(
+                    _in_scope(built, provider, call.run), _setup_in_scope(built, provider, call), first_call_s
+                )
         except Exception as error:  # reported in the table, so that the other cells still run
-            cell.status, cell.message = ERROR, _one_line(error)
+            cell.status, cell.message, cell.peak_memory_bytes = ERROR, _one_line(error), None
             if built.device.type == "cuda":
                 torch.cuda.empty_cache()
     try:
-        fns = list(runners.values())
-        timings = (
-            time_side_by_side(fns, built.device, policy)
-            if policy.interleave
-            else [time_side_by_side([fn], built.device, policy)[0] for fn in fns]
-        )
-        for index, timing in zip(runners, timings, strict=True):
-            cells[index].timing = timing
-            cells[index].peak_memory_bytes = peak_memory(runners[index], built.device)
+        if built.long_calls:
+            for index, entry in verified.items():
+                cells[index].timing = time_long_call(
+                    entry.run, built.device, policy, entry.first_call_s, entry.setup
+                )
+        else:
+            entries = list(verified.values())
+            timings = (
+                time_side_by_side([e.run for e in entries], built.device, policy, [e.setup for e in entries])
+                if policy.interleave
+                else [time_side_by_side([e.run], built.device, policy, [e.setup])[0] for e in entries]
+            )
+            for index, timing in zip(verified, timings, strict=True):
+                cells[index].timing = timing
+                if verified[index].setup is not None:
+                    verified[index].setup()
+                cells[index].peak_memory_bytes = peak_memory(verified[index].run, built.device)
     except Exception as error:  # a provider that passed its check but failed while timed
-        for index in runners:
+        for index in verified:
             cells[index].status, cells[index].message, cells[index].timing = ERROR, _one_line(error), None
     return cells
 
 
-def _in_scope(built: BuiltCase, provider: str, run: Callable[[], object]) -> Callable[[], object]:
+def _in_scope(
+    built: BuiltCase | BuiltEndToEnd, provider: str, run: Callable[[], object]
+) -> Callable[[], object]:
     def scoped() -> object:
         with built.scope(provider):
             return run()
@@ -350,21 +404,67 @@ def _in_scope(built: BuiltCase, provider: str, run: Callable[[], object]) -> Cal
     return scoped
 
 
+def _setup_in_scope(
+    built: BuiltCase | BuiltEndToEnd, provider: str, call: ProviderCall
+) -> Callable[[], None] | None:
+    setup = call.setup
+    if setup is None:
+        return None
+
+    def scoped() -> None:
+        with built.scope(provider):
+            setup()
+
+    return scoped
+
+
+def long_call_repeats(policy: TimingPolicy, first_call_s: float) -> int:
+    """Timed calls for a long (end-to-end) call that took `first_call_s` to verify: `policy.repeats` if set,
+    else as many as fit in `policy.long_budget_s`, at least one and at most `policy.min_repeats`."""
+    if policy.repeats:
+        return policy.repeats
+    fitting = int(policy.long_budget_s // max(first_call_s, 1e-9))
+    return max(1, min(policy.min_repeats, fitting))
+
+
+def time_long_call(
+    fn: Callable[[], object],
+    device: torch.device,
+    policy: TimingPolicy,
+    first_call_s: float,
+    setup: Callable[[], None] | None = None,
+) -> Timing:
+    """Time an end-to-end call without further warm-up (its verifying call was one): `long_call_repeats`
+    calls, each after `setup` and a garbage collection, both untimed. The collector is not paused: over
+    calls of seconds to minutes a collection is noise, while cyclic garbage (captum's hooks make some)
+    left to pile up would not be."""
+    samples = []
+    for _ in range(long_call_repeats(policy, first_call_s)):
+        gc.collect()
+        samples.append(_timed_once(fn, device, setup) * 1e3)
+    return _summarize(samples)
+
+
 def time_side_by_side(
-    fns: Sequence[Callable[[], object]], device: torch.device, policy: TimingPolicy
+    fns: Sequence[Callable[[], object]],
+    device: torch.device,
+    policy: TimingPolicy,
+    setups: Sequence[Callable[[], None] | None] | None = None,
 ) -> list[Timing]:
     """time_call for several callables at once: warm-ups first, then rounds of one call each (the
-    budget is per callable, as if each were timed alone)."""
+    budget is per callable, as if each were timed alone). `setups[i]`, if given, runs untimed before
+    every call of `fns[i]`."""
     if not fns:
         return []
+    setups = list(setups) if setups is not None else [None] * len(fns)
     warmup_budget = policy.warmup_share * policy.budget_s
     fastest: list[float] = []
-    for fn in fns:
+    for fn, setup in zip(fns, setups, strict=True):
         warmup_times: list[float] = []
         while not warmup_times or (
             sum(warmup_times) < warmup_budget and len(warmup_times) < policy.min_repeats
         ):
-            warmup_times.append(_timed_once(fn, device))
+            warmup_times.append(_timed_once(fn, device, setup))
         fastest.append(min(warmup_times))
     repeats = policy.repeats or min(
         policy.max_repeats, max(policy.min_repeats, math.ceil(policy.budget_s * len(fns) / sum(fastest)))
@@ -374,8 +474,8 @@ def time_side_by_side(
     gc.disable()
     try:
         for _ in range(repeats):
-            for fn, fn_samples in zip(fns, samples, strict=True):
-                fn_samples.append(_timed_once(fn, device) * 1e3)
+            for fn, setup, fn_samples in zip(fns, setups, samples, strict=True):
+                fn_samples.append(_timed_once(fn, device, setup) * 1e3)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -409,11 +509,26 @@ def run_cases(cases: Sequence[Case], settings: Settings, progress: bool = True) 
         file=sys.stderr,
     ) as bar:
         for case, providers in plan:
-            built = case.build(settings.batch, device, settings.image_size)
-            run.cases[case.id] = built.workload.shapes
             bar.set_description(case.id)
+            try:
+                built = case.build(settings.batch, device, settings.image_size, quick=settings.quick)
+            except Exception as error:  # e.g. an image size the model cannot take: this row only fails
+                run.cells.extend(
+                    Cell(*case_key(case), p, ERROR, f"case could not be built: {_one_line(error)}")
+                    for p in providers
+                )
+                bar.update(len(providers))
+                continue
+            run.cases[case.id] = built.shapes
+            if built.note is not None:
+                run.notes[case.id] = built.note
             run.cells.extend(measure_case(built, providers, settings.policy))
             bar.update(len(providers))
-            del built  # free this case's inputs before the next case allocates its own
+            del built  # free this case's inputs (end-to-end: models, gigabytes) before the next case
+            gc.collect()
     run.wall_s = time.perf_counter() - started
     return run
+
+
+def case_key(case: Case) -> tuple[str, str, str, str]:
+    return case.op, case.shape, case.mode, case.dtype

@@ -1,0 +1,352 @@
+"""The end-to-end benchmark cases (zfkernels.bench.cases.END_TO_END): zfnet_train and deconvnet.
+
+Built small so the file runs in well under a minute (most of it is torch.compile compiling the two
+"compile" providers): ZFNet at batch 1 and its smallest input side (207), AlexNet's conv5 projections for
+2 images x 8 filters at 64x64 (`quick`). What is checked: every provider that runs here passes the
+reference check, the check catches what it must (a wrong pixel in one projection, a missing filter
+renormalization, different dropout masks, an unpool that overwrites instead of summing), each call starts
+from the same state, long calls are timed without extra calls, selection and CLI errors, and the report.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zfkernels
+import zfkernels.bench.cases as cases_module
+from zfkernels.bench.cases import (
+    END_TO_END,
+    Case,
+    ProviderCall,
+    provider_unavailable,
+    providers_for,
+    select_cases,
+)
+from zfkernels.bench.report import MARKDOWN_NAME, format_table, load_run, target_lines, write_outputs
+from zfkernels.bench.runner import (
+    FAILED,
+    OK,
+    Settings,
+    TimingPolicy,
+    long_call_repeats,
+    measure_case,
+    measure_cell,
+    run_cases,
+)
+from zfkernels.cli import _plan, build_parser, main
+
+ZFNET_SIDE = 207  # the smallest input at which ZFNet's pool5 is still 6x6
+DECONVNET_SIDE = 64  # AlexNet's conv5 is 3x3 here: every projection still crosses both pools
+
+TRAIN = Case("zfnet_train", "ZFNet", "full", "fp32")
+DECONVNET = Case("deconvnet", "AlexNet.conv5", "forward", "fp32")
+
+
+@pytest.fixture(scope="module")
+def train_case():
+    return TRAIN.build(batch=1, device="cpu", image_size=ZFNET_SIDE)
+
+
+@pytest.fixture(scope="module")
+def deconvnet_case():
+    return DECONVNET.build(batch=1, device="cpu", image_size=DECONVNET_SIDE, quick=True)
+
+
+def _verify(built, provider: str) -> str | None:
+    with built.scope(provider):
+        call = built.call(provider)
+        return built.mismatch(call.comparable(call.fresh_run()))
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def test_end_to_end_cases_join_the_default_selection_after_the_op_cases():
+    selected = select_cases()
+    assert selected[-2:] == [TRAIN, DECONVNET]
+    assert all(not case.end_to_end for case in selected[:-2])
+
+
+@pytest.mark.parametrize(
+    ("selection", "expected"),
+    [
+        ({"ops": ["deconvnet"]}, [DECONVNET]),
+        (
+            {"ops": ["zfnet_train", "deconvnet", "relu"], "shapes": ["ZFNet", "AlexNet.conv5"]},
+            [TRAIN, DECONVNET],
+        ),
+        ({"ops": ["zfnet_train", "deconvnet"], "modes": ["full"]}, [TRAIN]),
+        ({"ops": ["zfnet_train", "deconvnet"], "modes": ["backward"]}, []),
+        ({"ops": ["zfnet_train"], "dtypes": ["bf16"]}, []),
+        ({"ops": ["zfnet_train"], "dtypes": ["fp32", "bf16"]}, [TRAIN]),
+        ({"shapes": ["L2"]}, None),  # layer shapes select op cases only
+    ],
+)
+def test_selection_by_op_shape_mode_and_dtype(selection, expected):
+    selected = select_cases(**selection)
+    if expected is None:
+        assert selected and not any(case.end_to_end for case in selected)
+    else:
+        assert selected == expected
+
+
+def test_end_to_end_providers():
+    captum = [] if provider_unavailable("captum") else ["captum"]
+    backends = cases_module.backend_providers("cpu")
+    assert providers_for(DECONVNET, "cpu") == ["eager", "compile", *captum, *backends]
+    assert providers_for(TRAIN, "cpu") == ["eager", "compile", *backends]
+    assert providers_for(TRAIN, "cpu", ["captum", "eager"]) == ["eager"]  # captum measures the deconvnet only
+    assert providers_for(Case("relu", "L1", "forward", "fp32"), "cpu", ["captum"]) == []
+
+
+def test_a_dtype_the_case_does_not_run_in_is_refused_by_name():
+    with pytest.raises(ValueError, match="zfnet_train runs in fp32 only"):
+        Case("zfnet_train", "ZFNet", "full", "bf16").build(1, "cpu", ZFNET_SIDE)
+
+
+def test_zfnet_train_refuses_an_image_size_zfnet_cannot_take():
+    with pytest.raises(ValueError, match="zfnet_train needs an image size in 207..238"):
+        TRAIN.build(1, "cpu", image_size=64)
+
+
+# ----------------------------------------------------------------------------------------- verification
+@pytest.mark.parametrize("provider", providers_for(TRAIN, "cpu"))
+def test_every_zfnet_train_provider_matches_the_reference(train_case, provider):
+    assert _verify(train_case, provider) is None
+
+
+@pytest.mark.parametrize("provider", providers_for(DECONVNET, "cpu"))
+def test_every_deconvnet_provider_matches_the_reference(deconvnet_case, provider):
+    assert _verify(deconvnet_case, provider) is None
+
+
+def test_the_dense_deconvnet_pads_its_last_chunk_and_still_matches(deconvnet_case, monkeypatch):
+    monkeypatch.setattr(cases_module, "DENSE_CHUNK", 5)  # 16 projections: chunks of 5, the last padded
+    assert _verify(deconvnet_case, "eager") is None
+
+
+def test_one_wrong_projection_fails_the_check_and_is_never_timed(deconvnet_case, monkeypatch):
+    right = deconvnet_case.workload.external["eager"]
+
+    def wrong() -> ProviderCall:
+        call = right()
+
+        def run() -> torch.Tensor:
+            pixels = call.run()
+            pixels[1, 3] *= 1.001  # one projection of 16, off by 1e-3 of its own scale
+            return pixels
+
+        return ProviderCall(run, call.comparable, call.setup)
+
+    monkeypatch.setitem(deconvnet_case.workload.external, "eager", wrong)
+    cell = measure_cell(deconvnet_case, "eager", TimingPolicy(repeats=1))
+    assert (cell.status, cell.timing, cell.peak_memory_bytes) == (FAILED, None, None)
+    assert cell.message.startswith("pixels: max |error|") and "at [1, 3, 0]" in cell.message
+    assert "(1 of 16 slices)" in cell.message
+
+
+def test_a_dense_deconvnet_that_overwrites_at_shared_argmaxes_fails(deconvnet_case, monkeypatch):
+    """F.max_unpool2d overwrites where overlapping windows share an argmax; the deconvnet (the gradient)
+    sums there. A stock version built on it must fail the check: the check sees shared argmaxes."""
+
+    def overwriting_chunk(image_index, flat_position, value, top, steps):
+        k = image_index.shape[0]
+        rows = torch.arange(k)
+        signal = value.new_zeros((k, top[0] * top[1] * top[2])).index_put((rows, flat_position), value)
+        signal = signal.view(k, *top)
+        for step in steps:
+            if step.kind == "conv":
+                signal = F.conv_transpose2d(
+                    signal, step.weight, None, step.stride, step.padding, step.output_padding
+                )
+            elif step.kind == "relu":
+                signal = F.relu(signal)
+            else:
+                indices = step.indices.index_select(0, image_index)
+                signal = F.max_unpool2d(signal, indices, 3, 2, output_size=step.size)
+        return signal
+
+    monkeypatch.setattr(cases_module, "_dense_chunk", overwriting_chunk)
+    mismatch = _verify(deconvnet_case, "eager")
+    assert mismatch is not None and mismatch.startswith("pixels: max |error|")
+
+
+def test_the_zfnet_train_check_sees_a_missing_filter_renormalization(train_case, monkeypatch):
+    train_case.expected()  # the reference's result, with the renormalization
+    monkeypatch.setattr(zfkernels, "renormalize_filters_", lambda model, radius=0.1: model)
+    mismatch = _verify(train_case, "cpu")
+    assert mismatch is not None and mismatch.startswith("update conv1.weight: max |error|")
+
+
+def test_the_zfnet_train_check_sees_other_dropout_masks(train_case, monkeypatch):
+    """Our ops draw no random numbers, so one seed gives every provider the same dropout masks; with
+    another seed the gradients differ, so the masks really were the same in the passing runs."""
+    monkeypatch.setattr(cases_module, "DROPOUT_SEED", cases_module.DROPOUT_SEED + 1)
+    mismatch = _verify(train_case, "eager")
+    assert mismatch is not None and mismatch.startswith("grad ")
+    assert "over twice the reference's worst" in mismatch  # not rounding: far off float64 too
+
+
+@pytest.mark.parametrize(("factor", "passes"), [(1.9, True), (2.1, False)])
+def test_rounding_off_the_reference_passes_within_twice_fp32s_own_error_against_float64(
+    train_case, monkeypatch, factor, passes
+):
+    """torch.compile's step rounds differently, and gates flip: it may be off the reference by more than
+    1e-4 if it stays within twice the reference's worst error against float64 (pretended 1e-3 here)."""
+    monkeypatch.setattr(train_case, "_float64_floor", 1e-3)
+    names = train_case.workload.output_names
+    actual = [t.float() for t in train_case.float64_result()]
+    index = names.index("grad conv5.weight")
+    actual[index] = actual[index] + factor * 1e-3 * float(actual[index].abs().max())
+    mismatch = train_case.mismatch(tuple(actual))
+    if passes:
+        assert mismatch is None
+    else:
+        assert (
+            mismatch.startswith("grad conv5.weight: max |error|") and "over twice the reference's" in mismatch
+        )
+
+
+def test_every_zfnet_train_call_starts_from_the_same_state(train_case):
+    with train_case.scope("cpu"):
+        call = train_case.call("cpu")
+        first = [t.clone() for t in call.comparable(call.fresh_run())]
+        call.run()  # a step without setup: the weights move on, so the next fresh run must restore them
+        second = call.comparable(call.fresh_run())
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    updates = first[1 + len(first) // 2 :]
+    assert all(update.abs().max() > 0 for update in updates)  # every parameter was updated
+
+
+# ------------------------------------------------------------------------------------------------- runner
+@pytest.mark.parametrize(("first_call_s", "repeats"), [(200.0, 1), (40.0, 1), (10.0, 3), (6.0, 5), (0.1, 5)])
+def test_long_calls_are_timed_as_often_as_fit_in_the_budget(first_call_s, repeats):
+    assert long_call_repeats(TimingPolicy(long_budget_s=30.0, min_repeats=5), first_call_s) == repeats
+    assert long_call_repeats(TimingPolicy(repeats=2), first_call_s) == 2
+
+
+def test_a_long_call_is_verified_once_then_timed_with_no_extra_call(deconvnet_case, monkeypatch):
+    """The verifying call is the warm-up and the peak-memory measurement: 1 + repeats calls in all."""
+    right = deconvnet_case.workload.external["eager"]
+    calls = []
+
+    def counted() -> ProviderCall:
+        call = right()
+        return ProviderCall(lambda: calls.append(1) or call.run(), call.comparable, call.setup)
+
+    monkeypatch.setitem(deconvnet_case.workload.external, "eager", counted)
+    [cell] = measure_case(deconvnet_case, ["eager"], TimingPolicy(repeats=2))
+    assert (cell.status, cell.timing.repeats, len(calls)) == (OK, 2, 3)
+    assert cell.peak_memory_bytes > 0
+
+
+@pytest.fixture(scope="module")
+def end_to_end_run():
+    settings = Settings(
+        device="cpu",
+        batch=1,
+        image_size=ZFNET_SIDE,
+        threads=torch.get_num_threads(),
+        providers=["eager", "cpu"],
+        policy=TimingPolicy(repeats=1),
+        copy_mib=1,
+        quick=True,
+    )
+    return run_cases([TRAIN, DECONVNET], settings, progress=False)
+
+
+def test_the_report_has_the_end_to_end_rows_notes_and_targets(end_to_end_run, tmp_path):
+    run = end_to_end_run
+    assert [(c.op, c.provider, c.status) for c in run.cells] == [
+        ("zfnet_train", "eager", OK), ("zfnet_train", "cpu", OK),
+        ("deconvnet", "eager", OK), ("deconvnet", "cpu", OK),
+    ]  # fmt: skip
+    assert all(c.timing is not None and c.peak_memory_bytes for c in run.cells)
+    assert run.cases[DECONVNET.id]["pixels"] == [2, 8, 1, 3, ZFNET_SIDE, ZFNET_SIDE]
+    table = format_table(run)
+    assert [line.split()[:4] for line in table.splitlines()[2:4]] == [
+        ["zfnet_train", "ZFNet", "full", "fp32"],
+        ["deconvnet", "AlexNet.conv5", "forward", "fp32"],
+    ]
+    assert "end-to-end cases:" in table and "reduced from 9 x 256" in table
+    [targets] = target_lines(run)
+    assert targets.startswith("deconvnet/AlexNet.conv5/forward/fp32 [quick workload]: cpu is ")
+    assert "vs captum: not measured (target >= 30x)" in targets and "target >= 10x" in targets
+    written, _ = write_outputs(run, tmp_path)
+    markdown = (tmp_path / MARKDOWN_NAME).read_text()
+    for heading in ("## zfnet_train", "## deconvnet", "## Targets (measured, not asserted)"):
+        assert heading in markdown
+    assert "one SGD step of ZFNet" in markdown and "--quick: reduced workloads" in markdown
+    assert load_run(written[0]) == run
+
+
+def test_a_record_without_notes_still_loads(end_to_end_run, tmp_path):
+    from zfkernels.bench.report import run_to_json
+
+    data = run_to_json(end_to_end_run)
+    del data["notes"]
+    data["settings"].pop("quick")
+    data["settings"]["policy"].pop("long_budget_s")
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    loaded = load_run(path)
+    assert loaded.notes == {} and not loaded.settings.quick
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--ops", "zfnet_train", "--dtype", "bf16"], "zfnet_train at shape ZFNet, mode full, fp32 only"),
+        (["--ops", "deconvnet", "--shapes", "L1"], "no case matches --shapes L1"),
+        (["--ops", "zfnet_train", "--modes", "forward"], "no case matches --modes forward"),
+        (["--ops", "deconvnet", "--shapes", "AlexNet.conv9"], "unknown shape 'AlexNet.conv9'"),
+        (["--ops", "deconvnet,zfnet_training"], "unknown op 'zfnet_training'"),
+    ],
+)
+def test_cli_selection_errors_are_one_line_and_exit_2(arguments, message, capsys):
+    assert main(["bench", *arguments]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_cli_captum_that_cannot_import_is_one_line_and_exit_2(monkeypatch, capsys):
+    monkeypatch.setattr(
+        "zfkernels.cli.provider_unavailable",
+        lambda p: "captum cannot be imported (ImportError: no)" if p == "captum" else None,
+    )
+    assert main(["bench", "--ops", "deconvnet", "--providers", "captum,cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "provider 'captum' is not available: captum cannot be imported" in err and err.count("\n") == 1
+
+
+def test_cli_without_torchvision_drops_deconvnet_by_default_and_refuses_it_by_name(monkeypatch, capsys):
+    missing = "deconvnet needs torchvision (pip install torchvision)"
+    monkeypatch.setattr(
+        "zfkernels.cli.case_unavailable", lambda case: missing if case.op == "deconvnet" else None
+    )
+    selected, _, skipped = _plan(build_parser().parse_args(["bench"]))
+    assert DECONVNET not in selected and TRAIN in selected
+    assert skipped == [f"{DECONVNET.id} left out: {missing}"]
+    assert main(["bench", "--ops", "deconvnet"]) == 2
+    assert f"cannot run deconvnet: {missing}" in capsys.readouterr().err
+
+
+def test_cli_quick_keeps_captum_and_leaves_out_compile_and_the_reference():
+    _, settings, _ = _plan(build_parser().parse_args(["bench", "--quick"]))
+    captum = [] if provider_unavailable("captum") else ["captum"]
+    assert settings.providers == ["eager", *captum, "cpu"]
+    assert settings.quick and settings.batch == 8 and settings.policy.long_budget_s < 10
+
+
+def test_cli_quick_deconvnet_end_to_end(tmp_path, capsys):
+    output = tmp_path / "out"
+    arguments = ["--quick", "--ops", "deconvnet", "--providers", "eager,cpu", "--repeats", "1"]
+    assert main(["bench", *arguments, "--no-progress", "--output", str(output)]) == 0
+    out = capsys.readouterr().out
+    assert "deconvnet" in out and "targets:" in out and "--quick: reduced workloads" in out
+    run = load_run(output / "results.json")
+    assert run.settings.quick and [c.status for c in run.cells] == [OK, OK]
+    assert END_TO_END["deconvnet"].bars  # the targets the report judged come from the spec
