@@ -3,9 +3,9 @@
 A fresh large CPU allocation is mmapped by the C library, and every page of it faults on first touch:
 for a memory-bound kernel that costs about as much as the kernel. So outputs of 8 MiB and more come from
 a cache of 2 MiB-page blocks; when torch frees such a tensor, its block goes back to the cache (up to
-`limit` idle bytes, 1 GiB by default, or `ZFK_CPU_CACHE_MB` MiB from the environment at import; 0 turns
-the cache off). Like PyTorch's CUDA caching allocator, the idle memory stays with the process until
-`empty_cache()`.
+`limit` idle bytes: an eighth of physical memory, at most 4 GiB, by default, or `ZFK_CPU_CACHE_MB` MiB
+from the environment at import; 0 turns the cache off). Like PyTorch's CUDA caching allocator, the idle
+memory stays with the process until `empty_cache()`.
 """
 
 from __future__ import annotations

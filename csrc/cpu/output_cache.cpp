@@ -2,7 +2,9 @@
 #include "cpu/output_cache.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -17,7 +19,15 @@ struct Cache {
   std::mutex mutex;
   std::multimap<size_t, void*> idle;            // size -> block
   std::unordered_map<void*, size_t> live;       // block -> size
-  size_t in_use = 0, peak_in_use = 0, idle_bytes = 0, limit = size_t(1) << 30;
+  size_t in_use = 0, peak_in_use = 0, idle_bytes = 0, limit = default_limit();
+
+  // An eighth of physical memory, at most 4 GiB: room to keep a large repeated output (a 1.4 GB batch of
+  // image-sized projections) without holding much of a small machine.
+  static size_t default_limit() {
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    const size_t physical = pages > 0 && page > 0 ? size_t(pages) * size_t(page) : size_t(8) << 30;
+    return std::min(physical / 8, size_t(4) << 30);
+  }
 
   // Frees idle blocks, largest first, until at most `keep` idle bytes remain. Caller holds the mutex.
   void trim(size_t keep) {

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from .._extension import output_empty
 from .chain import Chain, ChainForward, Conv, LayerChains, MaxPool, ReLU, check_against_model
 from .receptive_field import ReceptiveField, window_below
 
@@ -358,7 +359,9 @@ class DeconvNet:
         positions = torch.stack((order // map_width, order % map_width), dim=-1)
         field = chain.receptive_field
         boxes = chain.input_boxes(positions, (height, width))
-        pixels = images.new_zeros((batch, count, top, channels, height, width))
+        # From the output cache: a repeated projection reuses the last one's faulted-in block (zeroing it
+        # costs a tenth of faulting 1.4 GB of fresh pages in again).
+        pixels = output_empty((batch, count, top, channels, height, width), images).zero_()
         if batch > 0:
             plan = _plan(chain, record.sizes, (height, width), channels, images.element_size())
             filter_index = torch.tensor(filters, dtype=torch.int64, device=images.device)
