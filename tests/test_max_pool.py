@@ -354,10 +354,22 @@ def test_backward_gate_matches_relu_backward_with_nan_and_zeros(backend, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_every_row_width_and_vector_grouping(gen, dtype, stride):
-    """The CPU kernel covers a row with groups of 1 to 4 vectors (the tail group shifted left) and a
-    scalar border: every width from 3 to 80 exercises each grouping against F.max_pool2d."""
+    """The CPU kernel covers a row with groups of 1 to 4 vectors (the tail group shifted left), and clipped
+    border columns 8 (or 4) rows at a time where rows allow, element by element elsewhere: every width from
+    3 to 80, at heights with and without whole row groups, exercises each path against F.max_pool2d."""
     for width in range(3, 81):
-        for padding, ceil_mode in ((0, True), (1, False)):
-            x = tied((1, 2, 5, width), dtype, gen)
-            check_pool(x, 3, stride, padding, ceil_mode, True)
-            check_pool(x, 3, stride, padding, ceil_mode, False)
+        for height in (5, 23):
+            for padding, ceil_mode in ((0, True), (1, False)):
+                x = tied((1, 2, height, width), dtype, gen)
+                check_pool(x, 3, stride, padding, ceil_mode, True)
+                check_pool(x, 3, stride, padding, ceil_mode, False)
+
+
+@pytest.mark.parametrize("special", ["nan", "neg_inf"])
+def test_border_columns_with_nan_and_infinities(gen, special):
+    """Border columns taken L rows at a time follow torch for NaN (last NaN wins) and -inf windows too."""
+    for width in (9, 17, 30):
+        x = make_input(special, (2, 3, 40, width), torch.float32, gen)
+        for relu in (False, True):
+            check_pool(x, 3, 2, 1, True, relu)
+            check_pool(x, (3, 2), (2, 1), (1, 0), False, relu)

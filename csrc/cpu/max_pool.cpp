@@ -133,6 +133,42 @@ __attribute__((always_inline)) inline bool contains_nan(const T* data, int64_t n
   return nan;
 }
 
+// The windows of output column `ow` (clipped by the plane's left or right edge, so the column-lane vectors
+// cannot take it) for L output rows at a time, lanes = rows [oh, oh + L), all with full-height windows.
+// Same decisions as window_block: the first element taken (rectified if kRelu), then take when v > best,
+// or v is NaN (kNaN); the switch counts from the unclipped window origin.
+template <bool kRelu, bool kNaN, typename T, typename S>
+__attribute__((always_inline)) inline void border_column(const T* plane, const PoolGeometry& g, int64_t oh,
+                                                         int64_t ow, int64_t out_w, T* values, S* switches) {
+  using V = typename Simd<T>::Vec;
+  using I = typename Simd<T>::Int;
+  using Lane = typename Simd<T>::Lane;
+  constexpr int L = Simd<T>::kLanes;
+  const int64_t w0 = ow * g.stride_w - g.pad_w, h0 = oh * g.stride_h - g.pad_h;
+  const int64_t iw_begin = std::max<int64_t>(0, w0), iw_end = std::min(g.in_w, w0 + g.kernel_w);
+  const int64_t lane_stride = g.stride_h * g.in_w;  // input rows between neighbouring output rows
+  V best;
+  I offset = I{} + Lane(iw_begin - w0);
+  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+    for (int64_t iw = iw_begin; iw < iw_end; ++iw) {
+      const T* at = plane + (h0 + kh) * g.in_w + iw;
+      V v;
+      for (int j = 0; j < L; ++j) v[j] = at[j * lane_stride];
+      if (kh == 0 && iw == iw_begin) {
+        best = kRelu ? (v < V{} ? V{} : v) : v;
+        continue;
+      }
+      const I take = kNaN ? (v > best) | (v != v) : (v > best);
+      best = take ? v : best;
+      offset = take ? I{} + Lane(kh * g.kernel_w + (iw - w0)) : offset;
+    }
+  }
+  for (int j = 0; j < L; ++j) {
+    values[j * out_w] = best[j];
+    switches[j * out_w] = S(offset[j]);
+  }
+}
+
 // One call per plane, compiled per target (window_block, contains_nan and the dispatch lambdas are
 // forced inline into each clone; a lambda left out of line would be compiled for the default target):
 // a call per group of windows used to cost about a vector's work in prologue and spills.
@@ -152,13 +188,20 @@ ZFK_VECTORIZED void pool_plane_vectorized(const T* plane, const PoolGeometry& g,
   // A plane free of NaN (the usual case) skips the NaN test in the windows' inner loop: one vector
   // pass over the plane costs less than that test in every window.
   const bool nan = contains_nan(plane, g.in_h * g.in_w);
+  // Rows [oh_lo, oh_column_end) have full-height windows in whole groups of L: their clipped border
+  // columns go L rows at a time (border_column) after the row loop; other rows take the element path.
+  const int64_t oh_lo = std::min(g.out_h, (g.pad_h + g.stride_h - 1) / g.stride_h);
+  const int64_t oh_hi = std::max(oh_lo, std::min(g.out_h, (g.in_h + g.pad_h - g.kernel_h) / g.stride_h + 1));
+  const int64_t oh_column_end = oh_lo + (oh_hi - oh_lo) / L * L;
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
+    const bool border_by_column = oh >= oh_lo && oh < oh_column_end;
     T* value_row = values + oh * g.out_w;
     S* switch_row = switches + oh * g.out_w;
     const int64_t h0 = oh * g.stride_h - g.pad_h;
     const int64_t kh_begin = std::max<int64_t>(0, -h0), kh_end = std::min(g.kernel_h, g.in_h - h0);
     const T* first_row = plane + (h0 + kh_begin) * g.in_w - g.pad_w;
-    for (int64_t ow = 0; ow < ow_lo; ++ow) max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);
+    for (int64_t ow = 0; ow < (border_by_column ? 0 : ow_lo); ++ow)
+      max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);
     if (grouped) {
       // Groups of 4 vectors; the tail group takes just enough vectors to cover what is left (a row of 54
       // windows costs 4 + 3 vectors, not 4 + 4), shifted left to end at ow_hi. Fewer, longer calls: a call
@@ -195,7 +238,18 @@ ZFK_VECTORIZED void pool_plane_vectorized(const T* plane, const PoolGeometry& g,
                                                                       value_row + ow, switch_row + ow);
       }
     }
-    for (int64_t ow = ow_hi; ow < g.out_w; ++ow) max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);
+    for (int64_t ow = border_by_column ? g.out_w : ow_hi; ow < g.out_w; ++ow)
+      max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);
+  }
+  for (int64_t ow = 0; ow < g.out_w; ++ow) {
+    if (ow == ow_lo) ow = ow_hi;  // the clipped columns: [0, ow_lo) and [ow_hi, out_w)
+    if (ow >= g.out_w) break;
+    for (int64_t oh = oh_lo; oh < oh_column_end; oh += L) {
+      T* value_at = values + oh * g.out_w + ow;
+      S* switch_at = switches + oh * g.out_w + ow;
+      nan ? border_column<kRelu, true>(plane, g, oh, ow, g.out_w, value_at, switch_at)
+          : border_column<kRelu, false>(plane, g, oh, ow, g.out_w, value_at, switch_at);
+    }
   }
 }
 
