@@ -146,6 +146,14 @@ PYBIND11_MODULE(_C, m) {
               relu, threads);
         },
         release);
+  m.def("paste_windows",
+        [](Ptr windows, Ptr images, Ptr targets, Ptr origins, int dtype, int64_t count, int64_t channels,
+           std::array<int64_t, 2> window, std::array<int64_t, 2> image, int64_t image_count, int threads) {
+          zfk::cpu::paste_windows(cptr(windows), mptr(images), static_cast<const int64_t*>(cptr(targets)),
+                                  static_cast<const int64_t*>(cptr(origins)), DType(dtype), count, channels,
+                                  window[0], window[1], image[0], image[1], image_count, threads);
+        },
+        release);
   m.def("renormalize_filters",
         [](Ptr weight, int dtype, int64_t filters, int64_t filter_size, double radius, int threads) {
           zfk::cpu::renormalize_filters(mptr(weight), DType(dtype), filters, filter_size, radius, threads);

@@ -348,6 +348,20 @@ def test_batching_equals_one_at_a_time(zfnet_stock):
                     )
 
 
+def test_paste_kernel_equals_slice_by_slice(zfnet_stock, monkeypatch):
+    """The extension's paste (CPU) and the slice-by-slice paste (other devices) place windows identically,
+    clipped at every border."""
+    from zfkernels.deconvnet import projection
+
+    images = images_for((2, 3, 99, 99), seed=4)
+    for layer in ["conv1", "pool2", "conv5"]:
+        kernel = DeconvNet(zfnet_stock).project(images, layer, filters=[3, 50], top=3)
+        with monkeypatch.context() as patched:
+            patched.setattr(projection, "cpu_module", None)
+            sliced = DeconvNet(zfnet_stock).project(images, layer, filters=[3, 50], top=3)
+        assert torch.equal(kernel.pixels, sliced.pixels), layer
+
+
 def test_filters_int_list_none():
     torch.manual_seed(10)
     model = nn.Sequential(

@@ -58,6 +58,11 @@ int64_t unpool_conv_transpose2d(const void* values, const void* switches, const 
                                 DType dtype, SwitchType switch_type, int64_t batch, int64_t in_channels,
                                 int64_t out_channels, const PoolGeometry& pool, const ConvTransposeGeometry& g,
                                 bool relu, int num_threads);
+// Copies window i ([channels][window_h][window_w]) into image targets[i] ([channels][image_h][image_w]) at
+// row/col origins[2i], origins[2i + 1], clipped to the image; distinct targets (windows run in parallel).
+void paste_windows(const void* windows, void* images, const int64_t* targets, const int64_t* origins, DType dtype,
+                   int64_t count, int64_t channels, int64_t window_h, int64_t window_w, int64_t image_h,
+                   int64_t image_w, int64_t image_count, int num_threads);
 // In place: each of `filters` contiguous filters whose RMS exceeds `radius` is scaled to RMS `radius`.
 void renormalize_filters(void* weight, DType dtype, int64_t filters, int64_t filter_size, double radius,
                          int num_threads);

@@ -40,6 +40,15 @@ template <typename T> void run(std::mt19937& rng, DType dt) {
         cpu::conv_transpose2d_direct(in.data(), w.data(), (rng() & 1) ? b.data() : nullptr, o.data(), dt, 1, planes, co, cg, 2);
       }
       cpu::renormalize_filters(w.data(), dt, planes * co, k2 * k2, 0.01 + (rng() % 100) / 50.0, 1 + rng() % 2);
+      // paste: windows of the unpooled size into smaller or larger images at random (also far-off) origins
+      int IH = 1 + rng() % 30, IW = 1 + rng() % 30, images = 1 + rng() % 4, count = 1 + rng() % images;
+      std::vector<T> canvas(size_t(images) * planes * IH * IW);
+      std::vector<int64_t> targets(count), origins(2 * count);
+      for (int i = 0; i < count; ++i) targets[i] = i;
+      for (auto& o : origins) o = int64_t(rng() % 80) - 40;
+      std::vector<T> windows(size_t(count) * planes * H * W);
+      cpu::paste_windows(windows.data(), canvas.data(), targets.data(), origins.data(), dt, count, planes, H, W, IH, IW,
+                         images, 1 + rng() % 2);
     }
   }
 }

@@ -29,6 +29,7 @@ on a fixed-size window around it instead of the whole map, for all ``B * F * top
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .._extension import output_empty
+from .._extension import DTYPE_CODES, cpu_module, output_empty
 from .chain import Chain, ChainForward, Conv, LayerChains, MaxPool, ReLU, check_against_model
 from .receptive_field import ReceptiveField, window_below
 
@@ -510,9 +511,36 @@ _PASTE_BLOCK = 16384
 
 
 def _paste(out: Tensor, targets: list[int], window: Tensor, origin: Tensor) -> None:
-    """Write window ``i`` into ``out[targets[i]]`` (image-sized) at its origin, clipped at the borders."""
+    """Write window ``i`` into ``out[targets[i]]`` (image-sized) at its origin, clipped at the borders.
+
+    On the CPU the extension's kernel copies all windows in one call (rows as memcpy, windows in parallel);
+    elsewhere, slice by slice."""
     height, width = out.shape[-2:]
     channels, h, w = window.shape[-3:]
+    if (
+        cpu_module is not None
+        and out.device.type == "cpu"
+        and out.dtype in DTYPE_CODES
+        and window.dtype == out.dtype
+        and out.is_contiguous()
+    ):
+        window = window.contiguous()
+        target_index = torch.tensor(targets, dtype=torch.int64)
+        origins = origin.to(device="cpu", dtype=torch.int64).contiguous()
+        cpu_module.paste_windows(
+            window.data_ptr(),
+            out.data_ptr(),
+            target_index.data_ptr(),
+            origins.data_ptr(),
+            DTYPE_CODES[out.dtype],
+            len(targets),
+            channels,
+            (h, w),
+            (height, width),
+            math.prod(out.shape[:-3]),
+            torch.get_num_threads(),
+        )
+        return
     for i, (target, (top, left)) in enumerate(zip(targets, origin.tolist(), strict=True)):
         t, lo, b, r = max(top, 0), max(left, 0), min(top + h, height), min(left + w, width)
         if t >= b or lo >= r:
