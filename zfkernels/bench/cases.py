@@ -48,6 +48,7 @@ THIRD_PARTY_PROVIDERS = ("captum",)
 _THIRD_PARTY_MODULES = {"captum": "captum.attr"}
 # Every provider that is not a zfkernels backend: its failures are reported, but are not zfkernels' bugs.
 EXTERNAL_PROVIDERS = (*STOCK_PROVIDERS, *THIRD_PARTY_PROVIDERS)
+
 LAYERS = ("L1", "L2", "L3", "L4", "L5")
 
 POOL_KERNEL, POOL_STRIDE = 3, 2  # ZFNet's overlapping 3x3 stride-2 pools, ceil_mode
@@ -55,6 +56,17 @@ DEFAULT_IMAGE_SIZE = 224
 
 # Relative to the reference output's largest magnitude: GEMMs may sum in another order than the reference.
 CONV_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+@contextlib.contextmanager
+def provider_scope(provider: str) -> Iterator[None]:
+    """Where `provider` runs: a zfkernels backend under `use_backend` (backward passes included), stock
+    and third-party providers as they are."""
+    if provider in EXTERNAL_PROVIDERS:
+        yield
+    else:
+        with zfkernels.use_backend(provider):
+            yield
 
 
 @dataclass(frozen=True)
@@ -614,14 +626,9 @@ class BuiltCase:
         forward, backward = self.workload.forward_bytes, self.workload.backward_bytes
         return {"forward": forward, "backward": backward, "full": forward + backward}[self.case.mode]
 
-    @contextlib.contextmanager
-    def scope(self, provider: str) -> Iterator[None]:
+    def scope(self, provider: str) -> contextlib.AbstractContextManager[None]:
         """Where `provider` must run: under its zfkernels backend (backward passes included), or as is."""
-        if provider in STOCK_PROVIDERS:
-            yield
-        else:
-            with zfkernels.use_backend(provider):
-                yield
+        return provider_scope(provider)
 
     def call(self, provider: str) -> ProviderCall:
         """Prepare `provider` for timing; call it inside `scope(provider)`.
@@ -768,14 +775,9 @@ class BuiltEndToEnd:
     def note(self) -> str | None:
         return self.workload.note
 
-    @contextlib.contextmanager
-    def scope(self, provider: str) -> Iterator[None]:
+    def scope(self, provider: str) -> contextlib.AbstractContextManager[None]:
         """Where `provider` must run: under its zfkernels backend, or as is."""
-        if provider in EXTERNAL_PROVIDERS:
-            yield
-        else:
-            with zfkernels.use_backend(provider):
-                yield
+        return provider_scope(provider)
 
     def call(self, provider: str) -> ProviderCall:
         """Prepare `provider` (compiling, for "compile"); call this inside `scope(provider)`."""
