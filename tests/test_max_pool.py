@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     BACKENDS,
+    FLOAT_DTYPES,
     POOL_CONFIGS,
     assert_bitwise_equal,
     backend_outputs,
@@ -351,7 +352,7 @@ def test_backward_gate_matches_relu_backward_with_nan_and_zeros(backend, gen):
 
 
 # ---------------------------------------------------------------------------------------- vector groups
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)  # half types: widened planes on the float vector path
 @pytest.mark.parametrize("stride", [1, 2])
 def test_every_row_width_and_vector_grouping(gen, dtype, stride):
     """The CPU kernel covers a row with groups of 1 to 4 vectors (the tail group shifted left), and clipped
@@ -365,11 +366,12 @@ def test_every_row_width_and_vector_grouping(gen, dtype, stride):
                 check_pool(x, 3, stride, padding, ceil_mode, False)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("special", ["nan", "neg_inf"])
-def test_border_columns_with_nan_and_infinities(gen, special):
+def test_border_columns_with_nan_and_infinities(gen, special, dtype):
     """Border columns taken L rows at a time follow torch for NaN (last NaN wins) and -inf windows too."""
     for width in (9, 17, 30):
-        x = make_input(special, (2, 3, 40, width), torch.float32, gen)
+        x = make_input(special, (2, 3, 40, width), dtype, gen)
         for relu in (False, True):
             check_pool(x, 3, 2, 1, True, relu)
             check_pool(x, (3, 2), (2, 1), (1, 0), False, relu)

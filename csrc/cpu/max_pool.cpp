@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/ops.h"
 #include "cpu/parallel.h"
@@ -279,14 +280,38 @@ void pool_plane(const T* plane, const PoolGeometry& g, bool relu, T* values, S* 
   pool_plane_scalar(plane, g, relu, values, switches);
 }
 
+template <typename T>
+ZFK_VECTORIZED void widen(const T* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = load(in + i);
+}
+
+template <typename T>
+ZFK_VECTORIZED void narrow(const float* in, T* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) store(out + i, in[i]);
+}
+
 template <typename T, typename S>
 void launch(const void* input, void* values, void* switches, int64_t planes, const PoolGeometry& g, bool relu,
             int num_threads) {
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
+  // Half types compare in float: each plane is widened into a cache-resident float copy and pooled by the
+  // float vector path, and the maxima (inputs, or the ReLU's zero: exact in T) narrowed back. The element
+  // path compares in float too, so results are the same; it stays for strides the vector path lacks.
+  constexpr bool kWiden = !std::is_same_v<T, float> && !std::is_same_v<T, double> && std::is_same_v<S, uint8_t>;
+  const bool widened = kWiden && (g.stride_w == 1 || g.stride_w == 2);
   parallel_for(planes, num_threads, in_plane, [&](int64_t begin, int64_t end) {
+    std::vector<float> plane_f(widened ? in_plane : 0), values_f(widened ? out_plane : 0);
     for (int64_t p = begin; p < end; ++p) {
-      pool_plane(static_cast<const T*>(input) + p * in_plane, g, relu, static_cast<T*>(values) + p * out_plane,
-                 static_cast<S*>(switches) + p * out_plane);
+      const T* plane = static_cast<const T*>(input) + p * in_plane;
+      T* value_plane = static_cast<T*>(values) + p * out_plane;
+      S* switch_plane = static_cast<S*>(switches) + p * out_plane;
+      if (widened) {
+        widen(plane, plane_f.data(), in_plane);
+        pool_plane(plane_f.data(), g, relu, values_f.data(), switch_plane);
+        narrow(values_f.data(), value_plane, out_plane);
+      } else {
+        pool_plane(plane, g, relu, value_plane, switch_plane);
+      }
     }
   });
 }
