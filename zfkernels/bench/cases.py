@@ -69,6 +69,13 @@ def provider_scope(provider: str) -> Iterator[None]:
             yield
 
 
+def reference_result(built: BuiltCase | BuiltEndToEnd) -> tuple[Tensor, ...]:
+    """A built case's result on the reference backend, in comparable form: what every provider must match."""
+    with built.scope("reference"):
+        reference = built.call("reference")
+        return tuple(t.detach() for t in reference.comparable(reference.fresh_run()))
+
+
 @dataclass(frozen=True)
 class ConvLayer:
     """One ZFNet conv layer at a given input size: the geometry every op of that layer is benchmarked at."""
@@ -670,9 +677,7 @@ class BuiltCase:
         """The reference backend's result, in comparable form: what every provider must reproduce (computed
         once, on first use)."""
         if self._expected is None:
-            with self.scope("reference"):
-                reference = self.call("reference")
-                self._expected = tuple(t.detach() for t in reference.comparable(reference.fresh_run()))
+            self._expected = reference_result(self)
         return self._expected
 
     def mismatch(self, actual: tuple[Tensor, ...]) -> str | None:
@@ -790,9 +795,7 @@ class BuiltEndToEnd:
     def expected(self) -> tuple[Tensor, ...]:
         """The reference backend's result, in comparable form (computed once, on first use)."""
         if self._expected is None:
-            with self.scope("reference"):
-                reference = self.call("reference")
-                self._expected = tuple(t.detach() for t in reference.comparable(reference.fresh_run()))
+            self._expected = reference_result(self)
         return self._expected
 
     def mismatch(self, actual: tuple[Tensor, ...]) -> str | None:
