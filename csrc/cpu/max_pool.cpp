@@ -170,6 +170,76 @@ __attribute__((always_inline)) inline void border_column(const T* plane, const P
   }
 }
 
+// 3x3 windows at stride 2 in both directions (ZFNet's and AlexNet's pools), float: each input row is folded
+// horizontally once and shared by the two output rows whose windows contain it, walking down the plane
+// one group of 8 output columns at a time. Folding a window by rows gives max_pool_window's answer: a later
+// row's fold replaces the running best exactly when its own first maximum would have (v > best or NaN).
+// Lanes stay in the order one 2-source shuffle leaves them (windows 0,1,4,5,2,3,6,7) until the store.
+namespace s2 {
+using V = Simd<float>::Vec;
+using I = Simd<float>::Int;
+constexpr I kEven = {0, 2, 8, 10, 4, 6, 12, 14}, kOdd = {1, 3, 9, 11, 5, 7, 13, 15};
+
+struct Fold {
+  V best;   // the row's running maximum per window
+  I offset; // its window-local offset kh * 3 + kw
+  V first;  // the row's first element (the window's first element when this row is a window's top)
+};
+
+// The horizontal fold of one input row for 8 windows starting at input column `row[0]`; reads row[0..16].
+template <bool kNaN>
+__attribute__((always_inline)) inline Fold fold_row(const float* row, const I& offset0, const I& offset1,
+                                                    const I& offset2) {
+  const V a = load_vec<V>(row), b = load_vec<V>(row + 8), c = load_vec<V>(row + 1), d = load_vec<V>(row + 9);
+  const V v0 = __builtin_shuffle(a, b, kEven), v1 = __builtin_shuffle(a, b, kOdd), v2 = __builtin_shuffle(c, d, kOdd);
+  Fold f{v0, offset0, v0};
+  const I take1 = kNaN ? (v1 > f.best) | (v1 != v1) : (v1 > f.best);
+  f.best = take1 ? v1 : f.best;
+  f.offset = take1 ? offset1 : f.offset;
+  const I take2 = kNaN ? (v2 > f.best) | (v2 != v2) : (v2 > f.best);
+  f.best = take2 ? v2 : f.best;
+  f.offset = take2 ? offset2 : f.offset;
+  return f;
+}
+
+__attribute__((always_inline)) inline void take_if_better(V& best, I& offset, const Fold& row, bool nan) {
+  const I take = nan ? (row.best > best) | (row.best != row.best) : (row.best > best);
+  best = take ? row.best : best;
+  offset = take ? row.offset : offset;
+}
+
+// Rows [0, rows) of output columns [0, 8) (one group), `in` at the group's first window's top-left element.
+template <bool kRelu, bool kNaN, int kGroups>
+__attribute__((always_inline)) inline void walk(const float* in, int64_t in_w, int64_t rows, float* values,
+                                                uint8_t* switches, int64_t out_w) {
+  const I off[3][3] = {{I{} + 0, I{} + 1, I{} + 2}, {I{} + 3, I{} + 4, I{} + 5}, {I{} + 6, I{} + 7, I{} + 8}};
+  const I row_step = I{} + 6;  // a bottom row's offsets (6..8) become the next window's top offsets (0..2)
+  Fold top[kGroups];
+  for (int k = 0; k < kGroups; ++k) top[k] = fold_row<kNaN>(in + k * 16, off[0][0], off[0][1], off[0][2]);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* middle = in + (2 * r + 1) * in_w;
+#pragma GCC unroll 2
+    for (int k = 0; k < kGroups; ++k) {
+      const Fold mid = fold_row<kNaN>(middle + k * 16, off[1][0], off[1][1], off[1][2]);
+      const Fold bottom = fold_row<kNaN>(middle + in_w + k * 16, off[2][0], off[2][1], off[2][2]);
+      V best = top[k].best;
+      I offset = top[k].offset;
+      if (kRelu) {  // max_pool_window rectifies the window's first element only: 0 wins if nothing beats it
+        const I zero_wins = (top[k].first < V{}) & ~(kNaN ? (best > V{}) | (best != best) : (best > V{}));
+        best = zero_wins ? V{} : best;
+        offset = zero_wins ? I{} : offset;
+      }
+      take_if_better(best, offset, mid, kNaN);
+      take_if_better(best, offset, bottom, kNaN);
+      top[k] = {bottom.best, bottom.offset - row_step, bottom.first};
+      constexpr I kWindowOrder = {0, 1, 4, 5, 2, 3, 6, 7};  // undoes the shuffles' lane order
+      store_vec(values + r * out_w + k * 8, __builtin_shuffle(best, kWindowOrder));
+      store_switches(switches + r * out_w + k * 8, __builtin_shuffle(offset, kWindowOrder));
+    }
+  }
+}
+}  // namespace s2
+
 // One call per plane, compiled per target (window_block, contains_nan and the dispatch lambdas are
 // forced inline into each clone; a lambda left out of line would be compiled for the default target):
 // a call per group of windows used to cost about a vector's work in prologue and spills.
@@ -194,6 +264,9 @@ ZFK_VECTORIZED void pool_plane_vectorized(const T* plane, const PoolGeometry& g,
   const int64_t oh_lo = std::min(g.out_h, (g.pad_h + g.stride_h - 1) / g.stride_h);
   const int64_t oh_hi = std::max(oh_lo, std::min(g.out_h, (g.in_h + g.pad_h - g.kernel_h) / g.stride_h + 1));
   const int64_t oh_column_end = oh_lo + (oh_hi - oh_lo) / L * L;
+  // 3x3 stride-2 float pools: the rows with full-height windows go column group by column group (s2::walk).
+  constexpr bool kCanWalk = std::is_same_v<T, float> && std::is_same_v<S, uint8_t> && kStride == 2;
+  const bool walked = kCanWalk && g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 2 && span >= L;
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
     const bool border_by_column = oh >= oh_lo && oh < oh_column_end;
     T* value_row = values + oh * g.out_w;
@@ -203,7 +276,9 @@ ZFK_VECTORIZED void pool_plane_vectorized(const T* plane, const PoolGeometry& g,
     const T* first_row = plane + (h0 + kh_begin) * g.in_w - g.pad_w;
     for (int64_t ow = 0; ow < (border_by_column ? 0 : ow_lo); ++ow)
       max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);
-    if (grouped) {
+    if (walked && oh >= oh_lo && oh < oh_hi) {
+      // s2::walk below
+    } else if (grouped) {
       // Groups of 4 vectors; the tail group takes just enough vectors to cover what is left (a row of 54
       // windows costs 4 + 3 vectors, not 4 + 4), shifted left to end at ow_hi. Fewer, longer calls: a call
       // has a fixed cost of about a vector's work.
@@ -241,6 +316,25 @@ ZFK_VECTORIZED void pool_plane_vectorized(const T* plane, const PoolGeometry& g,
     }
     for (int64_t ow = border_by_column ? g.out_w : ow_hi; ow < g.out_w; ++ow)
       max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);
+  }
+  if constexpr (kCanWalk) {
+    if (walked && oh_hi > oh_lo) {
+      const float* top_row = plane + (oh_lo * 2 - g.pad_h) * g.in_w - g.pad_w;
+      for (int64_t ow = ow_lo; ow < ow_hi;) {
+        const int groups = ow_hi - ow >= 2 * L ? 2 : 1;  // two groups interleave their select chains
+        const int64_t start = std::min(ow, ow_hi - groups * L);  // the last group shifts left to end at ow_hi
+        const auto run = [&](auto with_nan, auto group_count) __attribute__((always_inline)) {
+          s2::walk<kRelu, decltype(with_nan)::value, decltype(group_count)::value>(
+              top_row + start * 2, g.in_w, oh_hi - oh_lo, values + oh_lo * g.out_w + start,
+              switches + oh_lo * g.out_w + start, g.out_w);
+        };
+        const auto with_groups = [&](auto with_nan) __attribute__((always_inline)) {
+          groups == 2 ? run(with_nan, std::integral_constant<int, 2>{}) : run(with_nan, std::integral_constant<int, 1>{});
+        };
+        nan ? with_groups(std::true_type{}) : with_groups(std::false_type{});
+        ow = start + groups * L;
+      }
+    }
   }
   for (int64_t ow = 0; ow < g.out_w; ++ow) {
     if (ow == ow_lo) ow = ow_hi;  // the clipped columns: [0, ow_lo) and [ow_hi, out_w)
