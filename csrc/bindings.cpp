@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <utility>
 
 #include "cpu/ops.h"
 #include "cpu/output_cache.h"
@@ -157,6 +158,34 @@ PYBIND11_MODULE(_C, m) {
   m.def("renormalize_filters",
         [](Ptr weight, int dtype, int64_t filters, int64_t filter_size, double radius, int threads) {
           zfk::cpu::renormalize_filters(mptr(weight), DType(dtype), filters, filter_size, radius, threads);
+        },
+        release);
+  m.def("max_unpool2d_gather",
+        [](Ptr values, Ptr switches, Ptr gate, Ptr output, int dtype, int switch_type, int64_t planes,
+           std::array<int64_t, 4> sizes, Six params, bool relu, int threads) {
+          return zfk::cpu::max_unpool2d_gather(cptr(values), cptr(switches), gate ? cptr(gate) : nullptr,
+                                               mptr(output), DType(dtype), SwitchType(switch_type), planes,
+                                               pool_geometry(sizes, params), relu, threads);
+        },
+        release);
+  m.def("conv_transpose2d_tiled",
+        [](Ptr input, Ptr weight, Ptr bias, Ptr output, int dtype, int64_t batch, int64_t in_channels,
+           int64_t out_channels, int64_t groups, std::array<int64_t, 4> sizes, std::array<int64_t, 8> params,
+           bool force_elements, int threads) {
+          return zfk::cpu::conv_transpose2d_tiled(cptr(input), cptr(weight), bias ? cptr(bias) : nullptr,
+                                                  mptr(output), DType(dtype), batch, in_channels, out_channels, groups,
+                                                  conv_geometry(sizes, params), force_elements, threads);
+        },
+        release);
+  m.def("unpool_conv_transpose2d_tiled",
+        [](Ptr values, Ptr switches, Ptr weight, Ptr output, int dtype, int switch_type, int64_t batch,
+           int64_t in_channels, int64_t out_channels, std::array<int64_t, 4> pool_sizes, Six pool_params,
+           std::array<int64_t, 4> conv_sizes, std::array<int64_t, 8> conv_params, bool relu, bool force_elements,
+           int threads) {
+          return zfk::cpu::unpool_conv_transpose2d_tiled(
+              cptr(values), cptr(switches), cptr(weight), mptr(output), DType(dtype), SwitchType(switch_type), batch,
+              in_channels, out_channels, pool_geometry(pool_sizes, pool_params), conv_geometry(conv_sizes, conv_params),
+              relu, force_elements, threads);
         },
         release);
   m.def("cached_bytes", &cached_bytes);

@@ -24,6 +24,7 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
 
 
 cpu_module, cpu_error = _load("_C")
+cuda_module, cuda_error = _load("_C_cuda")  # built when nvcc was found; runs only with a GPU
 
 _cache_mib = os.environ.get("ZFK_CPU_CACHE_MB", "").strip()
 if _cache_mib:

@@ -6,6 +6,7 @@
 #include "cpu/ops.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
+#include "kernels/conv_transpose_tiled.h"
 
 namespace zfk::cpu {
 
@@ -128,6 +129,28 @@ bool conv_transpose2d_direct(const void* input, const void* weight, const void* 
     }
   });
   return true;
+}
+
+// The CUDA kernels' algorithm on the CPU (test entry point, not a fast path): the tiled block algorithm of
+// kernels/conv_transpose_tiled.h run thread by thread between its barriers, or, when no tile plan fits or
+// `force_elements`, its per-output definition. Returns whether the tiled algorithm ran.
+bool conv_transpose2d_tiled(const void* input, const void* weight, const void* bias, void* output, DType dtype,
+                            int64_t batch, int64_t in_channels, int64_t out_channels, int64_t groups,
+                            const ConvTransposeGeometry& g, bool force_elements, int num_threads) {
+  if (groups < 1 || in_channels % groups != 0 || out_channels % groups != 0)
+    throw std::invalid_argument("zfkernels: conv_transpose2d channels must divide into groups");
+  const ConvShape shape{g, batch, groups, in_channels / groups, out_channels / groups};
+  const auto parallel = [num_threads](int64_t n, int64_t work, const auto& body) {
+    parallel_for(n, num_threads, work, body);
+  };
+  bool tiled = false;
+  dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    const DenseInput<T> source{static_cast<const T*>(input), in_channels, g.in_h, g.in_w};
+    tiled = emulate_conv_transpose(shape, source, static_cast<const T*>(weight), static_cast<const T*>(bias),
+                                   static_cast<T*>(output), force_elements, parallel);
+  });
+  return tiled;
 }
 
 }  // namespace zfk::cpu

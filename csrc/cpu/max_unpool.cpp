@@ -111,4 +111,43 @@ int64_t gather_switches(const void* source, const void* switches, void* output, 
   return invalid;
 }
 
+// The CUDA kernel's formulation on the CPU (test entry point, not a fast path): each unpooled element gathers
+// the windows covering it with kernels/max_unpool.h's unpool_gather_gated, and every switch is validated with
+// invalid_switch, exactly as csrc/cuda/max_unpool.cu does per thread. Returns the invalid switches seen.
+int64_t max_unpool2d_gather(const void* values, const void* switches, const void* gate, void* output, DType dtype,
+                            SwitchType switch_type, int64_t planes, const PoolGeometry& g, bool relu,
+                            int num_threads) {
+  std::vector<int64_t> invalid_per_plane(std::max<int64_t>(planes, 1), 0);
+  dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    dispatch_switch(switch_type, [&](auto s) {
+      using S = decltype(s);
+      constexpr bool kFlat = std::is_same_v<S, int64_t>;
+      const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
+      parallel_for(planes, num_threads, in_plane * 4, [&](int64_t begin, int64_t end) {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const T* v = static_cast<const T*>(values) + plane * out_plane;
+          const T* gt = gate ? static_cast<const T*>(gate) + plane * out_plane : nullptr;
+          const S* sw = static_cast<const S*>(switches) + plane * out_plane;
+          T* out = static_cast<T*>(output) + plane * in_plane;
+          for (int64_t ih = 0; ih < g.in_h; ++ih) {
+            for (int64_t iw = 0; iw < g.in_w; ++iw) {
+              compute_t<T> sum = unpool_gather_gated(v, gt, sw, g, ih, iw, kFlat);
+              if (relu) sum = zfk::relu(sum);
+              store(out + ih * g.in_w + iw, sum);
+            }
+          }
+          int64_t invalid = 0;
+          for (int64_t oh = 0; oh < g.out_h; ++oh)
+            for (int64_t ow = 0; ow < g.out_w; ++ow) invalid += invalid_switch(g, oh, ow, sw[oh * g.out_w + ow], kFlat);
+          invalid_per_plane[plane] = invalid;
+        }
+      });
+    });
+  });
+  int64_t invalid = 0;
+  for (int64_t n : invalid_per_plane) invalid += n;
+  return invalid;
+}
+
 }  // namespace zfk::cpu

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 #include <stdexcept>
+#include <utility>
 
 #include "kernels/common.h"
 #include "kernels/conv_transpose.h"
@@ -66,6 +67,21 @@ void paste_windows(const void* windows, void* images, const int64_t* targets, co
 // In place: each of `filters` contiguous filters whose RMS exceeds `radius` is scaled to RMS `radius`.
 void renormalize_filters(void* weight, DType dtype, int64_t filters, int64_t filter_size, double radius,
                          int num_threads);
+
+// CPU runs of the CUDA kernels' formulations (defined beside the CPU launchers of the same ops): they apply
+// the csrc/kernels element functions the CUDA kernels call and the CPU kernels do not, so the CPU tests
+// (tests/test_shared_elements.py) exercise the code the GPU runs.
+int64_t max_unpool2d_gather(const void* values, const void* switches, const void* gate, void* output, DType dtype,
+                            SwitchType switch_type, int64_t planes, const PoolGeometry& g, bool relu,
+                            int num_threads);
+bool conv_transpose2d_tiled(const void* input, const void* weight, const void* bias, void* output, DType dtype,
+                            int64_t batch, int64_t in_channels, int64_t out_channels, int64_t groups,
+                            const ConvTransposeGeometry& g, bool force_elements, int num_threads);
+std::pair<int64_t, bool> unpool_conv_transpose2d_tiled(const void* values, const void* switches, const void* weight,
+                                                       void* output, DType dtype, SwitchType switch_type,
+                                                       int64_t batch, int64_t in_channels, int64_t out_channels,
+                                                       const PoolGeometry& pool, const ConvTransposeGeometry& g,
+                                                       bool relu, bool force_elements, int num_threads);
 
 }  // namespace cpu
 }  // namespace zfk

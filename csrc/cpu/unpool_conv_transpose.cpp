@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu/ops.h"
@@ -12,6 +13,8 @@
 #include "cpu/simd.h"
 #include "cpu/switch_decoder.h"
 #include "kernels/conv_transpose.h"
+#include "kernels/conv_transpose_tiled.h"
+#include "kernels/max_unpool.h"
 
 namespace zfk::cpu {
 namespace {
@@ -314,6 +317,41 @@ int64_t unpool_conv_transpose2d(const void* values, const void* switches, const 
     });
   });
   return invalid;
+}
+
+// The CUDA kernels' algorithm on the CPU (test entry point, not a fast path): the tiled transposed
+// convolution of kernels/conv_transpose_tiled.h whose input tiles are built from the pooled map by
+// UnpooledInput (gather, rectify, round to the storage type), or its per-output definition when no tile plan
+// fits or `force_elements`; switches validated with invalid_switch. Returns (invalid switches, tiled ran).
+std::pair<int64_t, bool> unpool_conv_transpose2d_tiled(const void* values, const void* switches, const void* weight,
+                                                       void* output, DType dtype, SwitchType switch_type,
+                                                       int64_t batch, int64_t in_channels, int64_t out_channels,
+                                                       const PoolGeometry& pool, const ConvTransposeGeometry& g,
+                                                       bool relu, bool force_elements, int num_threads) {
+  if (pool.in_h != g.in_h || pool.in_w != g.in_w)
+    throw std::invalid_argument("zfkernels: unpool_conv_transpose2d's unpooled size must be the convolution's input");
+  const ConvShape shape{g, batch, 1, in_channels, out_channels};
+  const auto parallel = [num_threads](int64_t n, int64_t work, const auto& body) {
+    parallel_for(n, num_threads, work, body);
+  };
+  int64_t invalid = 0;
+  bool tiled = false;
+  dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    dispatch_switch(switch_type, [&](auto s) {
+      using S = decltype(s);
+      constexpr bool kFlat = std::is_same_v<S, int64_t>;
+      const S* sw = static_cast<const S*>(switches);
+      for (int64_t plane = 0; plane < batch * in_channels; ++plane)
+        for (int64_t oh = 0; oh < pool.out_h; ++oh)
+          for (int64_t ow = 0; ow < pool.out_w; ++ow)
+            invalid += invalid_switch(pool, oh, ow, sw[(plane * pool.out_h + oh) * pool.out_w + ow], kFlat);
+      const UnpooledInput<T, S> source{static_cast<const T*>(values), sw, pool, in_channels, kFlat, relu};
+      tiled = emulate_conv_transpose(shape, source, static_cast<const T*>(weight), static_cast<const T*>(nullptr),
+                                     static_cast<T*>(output), force_elements, parallel);
+    });
+  });
+  return {invalid, tiled};
 }
 
 }  // namespace zfk::cpu

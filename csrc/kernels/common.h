@@ -64,6 +64,15 @@ ZFK_HOST_DEVICE void store(double* p, double v) { *p = v; }
 ZFK_HOST_DEVICE void store(Half* p, float v) { *p = half_from_float(v); }
 ZFK_HOST_DEVICE void store(BFloat16* p, float v) { *p = bf16_from_float(v); }
 
+// A compute-type value rounded to the storage type T and widened back: what storing and reloading gives
+// (the identity for float and double). Fused kernels use it where the unfused ops round an intermediate.
+template <typename T>
+ZFK_HOST_DEVICE compute_t<T> round_to_storage(compute_t<T> v) {
+  T stored;
+  store(&stored, v);
+  return load(&stored);
+}
+
 // ReLU exactly as torch.relu (clamp_min): NaN and -0.0 pass through unchanged.
 template <typename C> ZFK_HOST_DEVICE C relu(C x) { return x < C(0) ? C(0) : x; }
 

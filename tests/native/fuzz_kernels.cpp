@@ -52,10 +52,16 @@ template <typename T> void run(std::mt19937& rng, DType dt) {
     }
   }
 }
+int fuzz_shared_elements();  // tests/native/fuzz_shared_elements.cpp
 int main() {
   std::mt19937 rng(1);
   run<float>(rng, DType::Float32);
   run<double>(rng, DType::Float64);
   run<Half>(rng, DType::Float16);
+  const int mismatches = fuzz_shared_elements();
+  if (mismatches != 0) {
+    std::printf("fuzz: %d tiled/per-element mismatches\n", mismatches);
+    return 1;
+  }
   std::puts("fuzz ok");
 }
