@@ -8,12 +8,18 @@ style of Liger-Kernel's verbose allclose.
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
 
-import zfkernels
-from zfkernels.ops import _backend
+# Without a GPU the Triton kernels run in Triton's CPU interpreter, on CPU tensors: the "triton" backend
+# then joins the `backend` fixture below like any other. Set before zfkernels.triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import zfkernels  # noqa: E402
+from zfkernels.ops import _backend  # noqa: E402
 
 # Every concrete backend this process can run ("auto" only picks one of these).
 BACKENDS = [name for name in zfkernels.available_backends() if name != "auto"]

@@ -19,7 +19,8 @@ def report() -> str:
     try:
         import triton
 
-        lines.append(f"triton {triton.__version__}")
+        interpreted = " (TRITON_INTERPRET=1: kernels run in the CPU interpreter)"
+        lines.append(f"triton {triton.__version__}" + (interpreted if _backend.triton_interpreted() else ""))
     except ImportError:
         lines.append("triton: not installed")
     if torch.cuda.is_available():
@@ -34,12 +35,19 @@ def report() -> str:
             "auto": "picks per device",
             "cpu": "C++ kernels (zfkernels._C)",
             "reference": "pure PyTorch",
+            "triton": "Triton kernels (zfkernels.triton)",
+            "cuda": "CUDA C++ kernels (zfkernels._C_cuda)",
         }[name]
         lines.append(f"  {name:<10} {state} ({detail})")
     cpu_choice = _backend.resolve(torch.device("cpu"))
     lines.append(f"selected backend: {_backend.get_backend()}; CPU tensors run on '{cpu_choice}'")
-    if _extension.cpu_module is not None:
-        lines.append(f"extension: {_extension.cpu_module.__file__}")
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        picks = ", ".join(f"{op} -> {_backend.resolve(cuda, op)}" for op in _backend.AUTO_ON_CUDA)
+        lines.append(f"CUDA tensors under 'auto': {picks}")
+    for module in (_extension.cpu_module, _extension.cuda_module):
+        if module is not None:
+            lines.append(f"extension: {module.__file__}")
     return "\n".join(lines)
 
 

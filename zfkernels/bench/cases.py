@@ -5,7 +5,8 @@ zfkernels call; `BuiltCase.call(provider)` turns that into the callable a timer 
 
 - "eager": the stock PyTorch code as written;
 - "compile": `torch.compile` of the same stock code (compiled while preparing, so never timed);
-- every zfkernels backend that runs on the device ("cpu", "reference", later "triton", "cuda").
+- every zfkernels backend that runs on the device ("cpu", "reference", "triton", "cuda"; never Triton's
+  CPU interpreter, a correctness tool whose timings mean nothing).
 
 End-to-end cases (`END_TO_END`) are whole workloads, one row each: "zfnet_train" (one SGD step of ZFNet)
 and "deconvnet" (top-1 projections of every conv5 filter of torchvision's AlexNet, with captum as an extra
@@ -553,7 +554,7 @@ def _backend_providers(device: str) -> tuple[str, ...]:
     probe = torch.zeros(1, device=device)
     runnable = []
     for backend in zfkernels.available_backends():
-        if backend == "auto":
+        if backend == "auto" or (backend == "triton" and probe.device.type == "cpu"):
             continue
         try:
             with zfkernels.use_backend(backend):

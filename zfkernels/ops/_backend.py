@@ -1,28 +1,76 @@
 """The one place that picks a backend for an op call.
 
 Backends implement the same functions (see zfkernels/ops/reference.py for the list and their exact
-semantics). "auto" resolves per device:
-  cpu tensors  -> "cpu" (the C++ kernels) when the extension is built, else "reference";
-  cuda tensors -> "reference" until the triton/cuda backends land (they will rank first there).
+semantics): "reference" (pure PyTorch, any device), "cpu" (C++ kernels, CPU tensors), "triton" (Triton
+kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1, which is how the tests run them without a
+GPU) and "cuda" (CUDA C++ kernels, CUDA tensors). "auto" resolves per device and, on CUDA, per op
+(AUTO_ON_CUDA below).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from types import ModuleType
+import functools
+import importlib
+import os
+from collections.abc import Callable, Iterator
+from types import ModuleType, SimpleNamespace
 
 import torch
 
 from .. import _extension
 
-KNOWN_BACKENDS = ("auto", "cpu", "reference")
+KNOWN_BACKENDS = ("auto", "cpu", "reference", "triton", "cuda")
 _selected = "auto"
+
+# "auto" on CUDA tensors: the first available backend of each list. Not yet measured on a GPU (none was
+# available while writing it); the order follows the kernels' design:
+# - memory-bound ops: both GPU kernels are single-pass at copy bandwidth, so the difference is the launch:
+#   the CUDA kernels launch from C++ (a few us), Triton's Python launcher costs tens of us per call;
+# - conv_transpose2d: cuDNN (through the reference backend) picks tensor-core algorithms per shape;
+# - the fused unpool + deconv: Triton's tl.dot uses tensor cores; the CUDA kernel is a CUDA-core gather.
+_MEMORY_BOUND = ("cuda", "triton", "reference")
+AUTO_ON_CUDA: dict[str, tuple[str, ...]] = {
+    "max_pool2d_switches": _MEMORY_BOUND,
+    "max_pool2d_switches_backward": _MEMORY_BOUND,
+    "max_unpool2d": _MEMORY_BOUND,
+    "gather_switches": _MEMORY_BOUND,
+    "relu": _MEMORY_BOUND,
+    "relu_": _MEMORY_BOUND,
+    "relu_backward": _MEMORY_BOUND,
+    "renormalize_filters_": _MEMORY_BOUND,
+    "conv_transpose2d": ("reference", "triton", "cuda"),
+    "unpool_conv_transpose2d": ("triton", "cuda", "reference"),
+}
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1): then on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        importlib.import_module("triton")
+    except ImportError as error:
+        return f"triton is not installed ({error})"
+    return None
 
 
 def _why_unavailable(name: str) -> str | None:
     if name == "cpu" and _extension.cpu_module is None:
         return f"the C++ extension zfkernels._C did not load ({_extension.cpu_error})"
+    if name == "triton":
+        if _triton_import_error() is not None:
+            return _triton_import_error()
+        if not torch.cuda.is_available() and not triton_interpreted():
+            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors, slowly)"
+    if name == "cuda":
+        if _extension.cuda_module is None:
+            return f"the CUDA extension zfkernels._C_cuda is not built ({_extension.cuda_error})"
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible to torch"
     return None
 
 
@@ -36,7 +84,7 @@ def get_backend() -> str:
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for every op call that follows ("auto", "cpu" or "reference")."""
+    """Select the backend for every op call that follows: one of KNOWN_BACKENDS."""
     global _selected
     if not isinstance(name, str) or name not in KNOWN_BACKENDS:
         raise ValueError(f"backend must be one of {list(KNOWN_BACKENDS)}, got {name!r}")
@@ -57,23 +105,91 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-def resolve(device: torch.device) -> str:
+def _runs_on(name: str) -> tuple[str, ...]:
+    """Device types a concrete backend accepts."""
+    if name == "cpu":
+        return ("cpu",)
+    if name == "cuda":
+        return ("cuda",)
+    if name == "triton":
+        return ("cpu",) if triton_interpreted() else ("cuda",)
+    return ("cpu", "cuda", "meta", "mps", "xpu")  # reference: wherever torch runs
+
+
+def resolve(device: torch.device, op: str | None = None) -> str:
+    """The concrete backend that runs `op` on `device` under the current selection."""
     if _selected != "auto":
-        if _selected == "cpu" and device.type != "cpu":
-            raise ValueError(f"backend 'cpu' runs CPU tensors only, got a tensor on {device}")
+        if device.type not in _runs_on(_selected):
+            raise ValueError(
+                f"backend {_selected!r} runs {' or '.join(_runs_on(_selected))} tensors only, "
+                f"got a tensor on {device}"
+            )
         return _selected
-    if device.type == "cpu" and _extension.cpu_module is not None:
-        return "cpu"
+    if device.type == "cpu":
+        return "cpu" if _extension.cpu_module is not None else "reference"
+    if device.type == "cuda" and op is not None:
+        for name in AUTO_ON_CUDA[op]:
+            if _why_unavailable(name) is None:
+                return name
     return "reference"
 
 
-def implementation(device: torch.device) -> ModuleType:
-    """The backend module that runs an op on `device` under the current selection."""
-    name = resolve(device)
-    if name == "cpu":
-        from . import cpu
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(
+        {
+            "cpu": "zfkernels.ops.cpu",
+            "reference": "zfkernels.ops.reference",
+            "triton": "zfkernels.triton",
+            "cuda": "zfkernels.ops.cuda",
+        }[name]
+    )
 
-        return cpu
-    from . import reference
 
-    return reference
+def implementation(device: torch.device) -> ModuleType | SimpleNamespace:
+    """The backend functions that run ops on `device` under the current selection (per op under "auto")."""
+    if _selected != "auto" or device.type != "cuda":
+        return _module(resolve(device))
+    return _auto_on_cuda()
+
+
+@functools.cache  # which backends are available cannot change within a process
+def _auto_on_cuda() -> SimpleNamespace:
+    cuda = torch.device("cuda")
+    return SimpleNamespace(**{op: getattr(_module(resolve(cuda, op)), op) for op in AUTO_ON_CUDA})
+
+
+# ------------------------------------------------------------------ the ops a public function calls
+# Each zfkernels::<op> custom op dispatches to a backend inside its implementation, so torch.compile sees
+# it as one opaque node. The triton backend also registers zfkernels_triton::<op>, a triton_op with the same
+# schema that torch.compile traces into; the public functions (and the backward formulas) call that twin
+# directly when the triton backend is the one that runs, and it carries the same autograd formula.
+_AUTOGRAD: dict[str, tuple[Callable, Callable]] = {}
+
+
+def register_autograd(custom_op, backward: Callable, setup_context: Callable) -> None:
+    """Register a zfkernels custom op's autograd formula, and remember it for the op's triton twin."""
+    custom_op.register_autograd(backward, setup_context=setup_context)
+    _AUTOGRAD[custom_op._qualname.split("::")[1]] = (backward, setup_context)
+
+
+def register_twin_autograd(namespace: str) -> None:
+    """Give every op of `namespace` that has a zfkernels twin the twin's autograd formula."""
+    for name, (backward, setup_context) in _AUTOGRAD.items():
+        if hasattr(getattr(torch.ops, namespace), name):
+            torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup_context)
+
+
+@torch.compiler.assume_constant_result  # run, not traced: under torch.compile the choice is fixed at tracing
+def _runs_twin(device_type: str, name: str) -> bool:
+    if resolve(torch.device(device_type), name) != "triton":
+        return False
+    _module("triton")  # defines the twins (and their autograd) on first use
+    return True
+
+
+def op(name: str, device: torch.device) -> Callable:
+    """The torch op a call of `name` on `device` goes through: zfkernels_triton::<name> when the triton
+    backend runs it, else zfkernels::<name> (which picks its backend when it runs)."""
+    if _runs_twin(device.type, name):
+        return getattr(torch.ops.zfkernels_triton, name)
+    return getattr(torch.ops.zfkernels, name)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._backend import implementation
+from ._backend import implementation, op, register_autograd
 from ._checks import check_same_device, check_tensor, pair
 
 
@@ -65,7 +65,7 @@ def _backward(ctx, grad):
     return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
-_conv_transpose2d_op.register_autograd(_backward, setup_context=_setup)
+register_autograd(_conv_transpose2d_op, _backward, _setup)
 
 
 def conv_transpose2d(
@@ -110,7 +110,7 @@ def conv_transpose2d(
             raise ValueError(f"padding {padding!r} leaves an empty output for input {tuple(input.shape)}")
     batched = input.dim() == 4
     x = input if batched else input.unsqueeze(0)
-    out = torch.ops.zfkernels.conv_transpose2d(
+    out = op("conv_transpose2d", x.device)(
         x, weight, bias, list(stride_p), list(pad_p), list(out_pad_p), groups, list(dil_p)
     )
     return out if batched else out.squeeze(0)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._backend import implementation
+from ._backend import implementation, op, register_autograd
 from ._checks import check_pool_fits, check_tensor, pool_params, pooled_size, switch_dtype
 from .reference import switch_targets
 
@@ -45,7 +45,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_values, _grad_switches):
     values, switches = ctx.saved_tensors
     kernel_size, stride, padding, input_size = ctx.geometry
-    grad_input = torch.ops.zfkernels.max_pool2d_switches_backward(
+    grad_input = op("max_pool2d_switches_backward", grad_values.device)(
         grad_values, values, switches, kernel_size, stride, padding, input_size, ctx.relu
     )
     return grad_input, None, None, None, None, None
@@ -83,16 +83,16 @@ def _backward_setup_context(ctx, inputs, output):
 def _backward_backward(ctx, grad_grad_input):
     # Linear in grad: its adjoint gathers at the switches, then applies the same ReLU gate.
     values, switches = ctx.saved_tensors
-    grad_grad = torch.ops.zfkernels.gather_switches(grad_grad_input, switches, *ctx.geometry)
+    grad_grad = op("gather_switches", grad_grad_input.device)(grad_grad_input, switches, *ctx.geometry)
     if ctx.relu:
-        grad_grad = torch.ops.zfkernels.relu_backward(grad_grad, values, 0)
+        grad_grad = op("relu_backward", grad_grad.device)(grad_grad, values, 0)
     return grad_grad, None, None, None, None, None, None, None
 
 
-_max_pool2d_switches_backward_op.register_autograd(_backward_backward, setup_context=_backward_setup_context)
+register_autograd(_max_pool2d_switches_backward_op, _backward_backward, _backward_setup_context)
 
 
-_max_pool2d_switches_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_max_pool2d_switches_op, _backward, _setup_context)
 
 
 def max_pool2d_switches(
@@ -118,7 +118,7 @@ def max_pool2d_switches(
     check_pool_fits((input.shape[-2], input.shape[-1]), kernel, pad)
     batched = input.dim() == 4
     x = input if batched else input.unsqueeze(0)
-    values, switches = torch.ops.zfkernels.max_pool2d_switches(
+    values, switches = op("max_pool2d_switches", x.device)(
         x, list(kernel), list(stride_pair), list(pad), ceil_mode, bool(relu)
     )
     return (values, switches) if batched else (values.squeeze(0), switches.squeeze(0))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._backend import implementation
+from ._backend import implementation, op, register_autograd
 from ._checks import SWITCH_DTYPES, check_same_device, check_tensor, pair, pool_params, pooled_size
 
 
@@ -40,9 +40,9 @@ def _unpool_setup(ctx, inputs, output):
 def _unpool_backward(ctx, grad):
     switches, output = ctx.saved_tensors
     if output is not None:  # the fused ReLU after the sum
-        grad = torch.ops.zfkernels.relu_backward(grad, output, 0)
+        grad = op("relu_backward", grad.device)(grad, output, 0)
     return (
-        torch.ops.zfkernels.gather_switches(grad, switches, *ctx.geometry),
+        op("gather_switches", grad.device)(grad, switches, *ctx.geometry),
         None,
         None,
         None,
@@ -52,7 +52,7 @@ def _unpool_backward(ctx, grad):
     )
 
 
-_max_unpool2d_op.register_autograd(_unpool_backward, setup_context=_unpool_setup)
+register_autograd(_max_unpool2d_op, _unpool_backward, _unpool_setup)
 
 
 @torch.library.custom_op("zfkernels::gather_switches", mutates_args=())
@@ -78,13 +78,13 @@ def _gather_setup(ctx, inputs, output):
 def _gather_backward(ctx, grad):
     (switches,) = ctx.saved_tensors
     kernel_size, stride, padding, source_size = ctx.geometry
-    grad_source = torch.ops.zfkernels.max_unpool2d(
+    grad_source = op("max_unpool2d", grad.device)(
         grad, switches, kernel_size, stride, padding, source_size, False
     )
     return grad_source, None, None, None, None
 
 
-_gather_switches_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+register_autograd(_gather_switches_op, _gather_backward, _gather_setup)
 
 
 def _check_switches(values: Tensor, switches: Tensor) -> None:
@@ -139,7 +139,7 @@ def max_unpool2d(
     size = unpool_output_size((values.shape[-2], values.shape[-1]), kernel, stride_pair, pad, output_size)
     batched = values.dim() == 4
     v, s = (values, switches) if batched else (values.unsqueeze(0), switches.unsqueeze(0))
-    out = torch.ops.zfkernels.max_unpool2d(
+    out = op("max_unpool2d", v.device)(
         v, s, list(kernel), list(stride_pair), list(pad), list(size), bool(relu)
     )
     return out if batched else out.squeeze(0)
@@ -166,5 +166,5 @@ def gather_switches(
     unpool_output_size(pooled, kernel, stride_pair, pad, tuple(source.shape[-2:]), "source")
     batched = source.dim() == 4
     src, s = (source, switches) if batched else (source.unsqueeze(0), switches.unsqueeze(0))
-    out = torch.ops.zfkernels.gather_switches(src, s, list(kernel), list(stride_pair), list(pad))
+    out = op("gather_switches", src.device)(src, s, list(kernel), list(stride_pair), list(pad))
     return out if batched else out.squeeze(0)

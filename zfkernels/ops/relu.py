@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backend import implementation
+from ._backend import implementation, op, register_autograd
 from ._checks import check_same_device, check_tensor
 from .reference import RULES
 
@@ -27,10 +27,10 @@ def _relu_setup(ctx, inputs, output):
 
 def _relu_backward(ctx, grad):
     (output,) = ctx.saved_tensors
-    return torch.ops.zfkernels.relu_backward(grad, output, ctx.rule), None
+    return op("relu_backward", grad.device)(grad, output, ctx.rule), None
 
 
-_relu_op.register_autograd(_relu_backward, setup_context=_relu_setup)
+register_autograd(_relu_op, _relu_backward, _relu_setup)
 
 
 @torch.library.custom_op("zfkernels::relu_", mutates_args=("input",))
@@ -57,10 +57,10 @@ def _relu_backward_setup(ctx, inputs, output):
 
 def _relu_backward_backward(ctx, grad_grad):
     (mask_source,) = ctx.saved_tensors
-    return torch.ops.zfkernels.relu_backward(grad_grad, mask_source, 0), None, None
+    return op("relu_backward", grad_grad.device)(grad_grad, mask_source, 0), None, None
 
 
-_relu_backward_op.register_autograd(_relu_backward_backward, setup_context=_relu_backward_setup)
+register_autograd(_relu_backward_op, _relu_backward_backward, _relu_backward_setup)
 
 
 def _rule_code(backward: str) -> int:
@@ -78,12 +78,12 @@ def relu(input: Tensor, inplace: bool = False, *, backward: str = "standard") ->
     check_tensor(input, "input", tuple(range(0, 9)))
     rule = _rule_code(backward)
     if not inplace:
-        return torch.ops.zfkernels.relu(input, rule)
+        return op("relu", input.device)(input, rule)
     if torch.is_grad_enabled() and input.requires_grad:
         return input.copy_(
-            torch.ops.zfkernels.relu(input, rule)
+            op("relu", input.device)(input, rule)
         )  # autograd records the copy like any in-place op
-    torch.ops.zfkernels.relu_(input)
+    op("relu_", input.device)(input)
     return input
 
 
@@ -97,4 +97,4 @@ def relu_backward(grad: Tensor, output: Tensor, backward: str = "standard") -> T
             f"got {tuple(output.shape)}/{output.dtype}"
         )
     check_same_device(grad=grad, output=output)
-    return torch.ops.zfkernels.relu_backward(grad, output, _rule_code(backward))
+    return op("relu_backward", grad.device)(grad, output, _rule_code(backward))

@@ -16,7 +16,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from ._backend import implementation
+from ._backend import implementation, op
 from ._checks import FLOAT_DTYPES
 
 ModuleOrTensor = TypeVar("ModuleOrTensor", torch.nn.Module, Tensor)
@@ -97,7 +97,7 @@ def renormalize_filters_(model_or_weight: ModuleOrTensor, radius: float = PAPER_
         )
     with torch.no_grad():  # parameters are leaves that require grad: no autograd record of the update
         for weight in weights:
-            torch.ops.zfkernels.renormalize_filters_(weight, radius)
+            op("renormalize_filters_", weight.device)(weight, radius)
     return model_or_weight
 
 

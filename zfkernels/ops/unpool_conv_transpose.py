@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._backend import implementation
+from ._backend import implementation, op, register_autograd
 from ._checks import check_same_device, check_tensor, pair, pool_params
 from .conv_transpose import conv_transpose_output_size
 from .max_unpool import _check_switches, unpool_output_size
@@ -87,7 +87,7 @@ def _backward(ctx, grad):
     # The forward never built the unpooled map; the weight gradient needs it, so it is rebuilt here.
     values, switches, weight = ctx.saved_tensors
     pool_kernel, pool_stride, pool_padding, unpool_size, stride, padding, out_pad, relu = ctx.params
-    unpooled = torch.ops.zfkernels.max_unpool2d(
+    unpooled = op("max_unpool2d", values.device)(
         values, switches, pool_kernel, pool_stride, pool_padding, unpool_size, relu
     )
     grad_unpooled, grad_weight, _ = torch.ops.aten.convolution_backward(
@@ -106,14 +106,14 @@ def _backward(ctx, grad):
     grad_values = None
     if grad_unpooled is not None:
         if relu:
-            grad_unpooled = torch.ops.zfkernels.relu_backward(grad_unpooled, unpooled, 0)
-        grad_values = torch.ops.zfkernels.gather_switches(
+            grad_unpooled = op("relu_backward", grad.device)(grad_unpooled, unpooled, 0)
+        grad_values = op("gather_switches", grad.device)(
             grad_unpooled, switches, pool_kernel, pool_stride, pool_padding
         )
     return grad_values, None, grad_weight, None, None, None, None, None, None, None, None
 
 
-_unpool_conv_transpose2d_op.register_autograd(_backward, setup_context=_setup)
+register_autograd(_unpool_conv_transpose2d_op, _backward, _setup)
 
 
 def unpool_conv_transpose2d(
@@ -165,7 +165,7 @@ def unpool_conv_transpose2d(
             raise ValueError(f"padding {padding!r} leaves an empty output for unpool_size {size}")
     batched = values.dim() == 4
     v, s = (values, switches) if batched else (values.unsqueeze(0), switches.unsqueeze(0))
-    out = torch.ops.zfkernels.unpool_conv_transpose2d(
+    out = op("unpool_conv_transpose2d", v.device)(
         v,
         s,
         weight,
