@@ -49,6 +49,17 @@ def cuda_archs() -> str:
     return "80;90"
 
 
+def cuda_compiler() -> str | None:
+    """The nvcc to build zfkernels._C_cuda with, or None to skip it (ZFK_CUDA=0, or no nvcc found)."""
+    want_cuda = os.environ.get("ZFK_CUDA", "")
+    nvcc = find_nvcc()
+    if want_cuda == "1" and nvcc is None:
+        raise RuntimeError("ZFK_CUDA=1 but no nvcc was found: set CUDA_HOME or put nvcc on PATH")
+    if want_cuda == "0" or nvcc is None or not any((ROOT / "csrc" / "cuda").glob("*.cu")):
+        return None
+    return resolve_nvcc(nvcc)
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -56,6 +67,8 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
+        if ext.name != "zfkernels._C":
+            return  # the one CMake run below builds every module into the same directory
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         build_temp = Path(self.build_temp).resolve() / "cmake"
         build_temp.mkdir(parents=True, exist_ok=True)
@@ -69,12 +82,8 @@ class CMakeBuild(build_ext):
         ]
         if shutil.which("ninja"):
             args.append("-GNinja")
-        want_cuda = os.environ.get("ZFK_CUDA", "")
-        nvcc = find_nvcc()
-        if want_cuda == "1" and nvcc is None:
-            raise RuntimeError("ZFK_CUDA=1 but no nvcc was found: set CUDA_HOME or put nvcc on PATH")
-        if want_cuda != "0" and nvcc is not None:
-            real_nvcc = resolve_nvcc(nvcc)
+        real_nvcc = cuda_compiler()
+        if real_nvcc is not None:
             args += [
                 "-DZFK_CUDA=ON",
                 f"-DCMAKE_CUDA_COMPILER={real_nvcc}",
@@ -88,4 +97,7 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_temp, check=True)
 
 
-setup(ext_modules=[CMakeExtension("zfkernels._C")], cmdclass={"build_ext": CMakeBuild})
+# Every module is declared, so that setuptools copies each into place (an editable install copies only
+# declared extensions).
+MODULES = ["zfkernels._C"] + (["zfkernels._C_cuda"] if cuda_compiler() is not None else [])
+setup(ext_modules=[CMakeExtension(name) for name in MODULES], cmdclass={"build_ext": CMakeBuild})
