@@ -374,16 +374,6 @@ void pool_plane(const T* plane, const PoolGeometry& g, bool relu, T* values, S* 
   pool_plane_scalar(plane, g, relu, values, switches);
 }
 
-template <typename T>
-ZFK_VECTORIZED void widen(const T* in, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = load(in + i);
-}
-
-template <typename T>
-ZFK_VECTORIZED void narrow(const float* in, T* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) store(out + i, in[i]);
-}
-
 template <typename T, typename S>
 void launch(const void* input, void* values, void* switches, int64_t planes, const PoolGeometry& g, bool relu,
             int num_threads) {

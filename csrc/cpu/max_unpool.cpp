@@ -20,20 +20,36 @@ ZFK_VECTORIZED void relu_plane(T* data, int64_t n) {
 // One plane: zero a cache-resident accumulator, add each value at its switch target in row-major
 // window order (the order kernels/max_unpool.h's gather sums in, so both agree bit for bit), rectify,
 // then copy the plane out (half types round once here). Returns the invalid switches seen (skipped).
-template <typename T, typename S>
-int64_t unpool_plane(const T* values, const S* switches, const T* gate, const PoolGeometry& g,
-                     const SwitchDecoder<S>& decoder, bool relu, bool stream, T* out, std::vector<compute_t<T>>& acc) {
-  using C = compute_t<T>;
-  const int64_t in_plane = g.in_h * g.in_w;
-  std::fill(acc.begin(), acc.end(), C(0));
+template <typename V, typename S>
+int64_t scatter_add(const V* values, const S* switches, const V* gate, const SwitchDecoder<S>& decoder, V* acc) {
   int64_t invalid = 0;
   decoder.for_each_target(switches, [&](int64_t p, int64_t t) {
     if (t < 0) {
       ++invalid;
-    } else if (!gate || !(load(gate + p) <= 0)) {  // a gated-off value adds +0, which changes no sum
-      acc[t] += load(values + p);
+    } else if (!gate || !(gate[p] <= 0)) {  // a gated-off value adds +0, which changes no sum
+      acc[t] += values[p];
     }
   });
+  return invalid;
+}
+
+// Half types: the plane's values (and gate) are widened to float first, so the scatter loop does no
+// conversions, and the sums are rounded once on the way out: the same sums as converting element-wise.
+template <typename T, typename S>
+int64_t unpool_plane(const T* values, const S* switches, const T* gate, const PoolGeometry& g,
+                     const SwitchDecoder<S>& decoder, bool relu, bool stream, T* out, std::vector<compute_t<T>>& acc,
+                     std::vector<float>& widened) {
+  using C = compute_t<T>;
+  const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
+  std::fill(acc.begin(), acc.end(), C(0));
+  int64_t invalid;
+  if constexpr (std::is_same_v<C, T>) {
+    invalid = scatter_add(values, switches, gate, decoder, acc.data());
+  } else {
+    widen(values, widened.data(), out_plane);
+    if (gate) widen(gate, widened.data() + out_plane, out_plane);
+    invalid = scatter_add(widened.data(), switches, gate ? widened.data() + out_plane : nullptr, decoder, acc.data());
+  }
   if (relu) relu_plane(acc.data(), in_plane);
   if constexpr (std::is_same_v<C, T>) {
     if (stream) {
@@ -42,7 +58,7 @@ int64_t unpool_plane(const T* values, const S* switches, const T* gate, const Po
       std::copy(acc.begin(), acc.end(), out);
     }
   } else {
-    for (int64_t i = 0; i < in_plane; ++i) store(out + i, acc[i]);
+    narrow(acc.data(), out, in_plane);
   }
   return invalid;
 }
@@ -63,11 +79,12 @@ int64_t max_unpool2d(const void* values, const void* switches, const void* gate,
       const bool stream = planes * in_plane * int64_t(sizeof(T)) >= (int64_t(64) << 20) && in_plane >= 1024;
       parallel_for(planes, num_threads, in_plane, [&](int64_t begin, int64_t end) {
         std::vector<compute_t<T>> acc(in_plane);
+        std::vector<float> widened(std::is_same_v<compute_t<T>, T> ? 0 : 2 * out_plane);
         for (int64_t p = begin; p < end; ++p) {
           invalid_per_plane[p] = unpool_plane(
               static_cast<const T*>(values) + p * out_plane, static_cast<const S*>(switches) + p * out_plane,
               gate ? static_cast<const T*>(gate) + p * out_plane : nullptr, g, decoder, relu, stream,
-              static_cast<T*>(output) + p * in_plane, acc);
+              static_cast<T*>(output) + p * in_plane, acc, widened);
         }
         stream_fence();
       });

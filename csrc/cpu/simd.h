@@ -4,6 +4,8 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+
+#include "kernels/common.h"
 #if defined(__x86_64__)
 #include <emmintrin.h>
 #endif
@@ -71,6 +73,18 @@ inline void stream_copy(T* dst, const T* src, int64_t n) {
   }
 #endif
   std::memcpy(dst, src, n * sizeof(T));
+}
+
+// Half types to float and back (c10's conversions, vectorized): the kernels widen a plane into a
+// cache-resident float copy, run their float path, and round once on the way out.
+template <typename T>
+ZFK_VECTORIZED void widen(const T* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = load(in + i);
+}
+
+template <typename T>
+ZFK_VECTORIZED void narrow(const float* in, T* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) store(out + i, in[i]);
 }
 
 inline void stream_fence() {
