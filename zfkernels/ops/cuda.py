@@ -15,6 +15,7 @@ import torch
 
 from .._extension import DTYPE_CODES, SWITCH_CODES, cuda_module
 from ._checks import Pair, check_no_invalid_switches, pooled_size
+from .conv_transpose import conv_transpose_output_size
 from .reference import RULES
 
 
@@ -169,8 +170,8 @@ def conv_transpose2d(
     b = bias.contiguous() if bias is not None else None
     n, c_in, h, w = x.shape
     _, out_per_group, k_h, k_w = wt.shape
-    out_h = (h - 1) * stride[0] - 2 * padding[0] + dilation[0] * (k_h - 1) + output_padding[0] + 1
-    out_w = (w - 1) * stride[1] - 2 * padding[1] + dilation[1] * (k_w - 1) + output_padding[1] + 1
+    out_h = conv_transpose_output_size(h, k_h, stride[0], padding[0], output_padding[0], dilation[0])
+    out_w = conv_transpose_output_size(w, k_w, stride[1], padding[1], output_padding[1], dilation[1])
     out = torch.empty((n, out_per_group * groups, out_h, out_w), dtype=x.dtype, device=x.device)
     with _on(x) as stream:
         cuda_module.conv_transpose2d(
@@ -208,8 +209,8 @@ def unpool_conv_transpose2d(
     v, s, wt = values.contiguous(), switches.contiguous(), weight.contiguous()
     n, c_in = v.shape[:2]
     c_out, k_h, k_w = wt.shape[1:]
-    out_h = (unpool_size[0] - 1) * stride[0] - 2 * padding[0] + k_h + output_padding[0]
-    out_w = (unpool_size[1] - 1) * stride[1] - 2 * padding[1] + k_w + output_padding[1]
+    out_h = conv_transpose_output_size(unpool_size[0], k_h, stride[0], padding[0], output_padding[0], 1)
+    out_w = conv_transpose_output_size(unpool_size[1], k_w, stride[1], padding[1], output_padding[1], 1)
     out = torch.empty((n, c_out, out_h, out_w), dtype=v.dtype, device=v.device)
     pool_sizes, pool_params = _pool_args(
         unpool_size, tuple(v.shape[-2:]), pool_kernel, pool_stride, pool_padding
