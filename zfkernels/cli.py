@@ -249,6 +249,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[Case], Settings, list[str]]:
         if args.quick
         else TimingPolicy(repeats=args.repeats, interleave=args.interleave),
         copy_mib=64 if args.quick else 256,
+        copy_processes=0 if args.quick else 2,
         quick=args.quick,
     )
     return selected, settings, skipped

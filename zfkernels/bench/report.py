@@ -77,6 +77,13 @@ def _percent_of_copy(cell: Cell | None, copy: CopyBandwidth) -> str:
     return f"{100 * cell.gbps / copy.preallocated_gbps:.0f}%"
 
 
+def _processes_text(copy: CopyBandwidth) -> str:
+    if len(copy.process_gbps) < 2:
+        return ""
+    figures = ", ".join(f"{gbps:.1f}" for gbps in copy.process_gbps)
+    return f" (the fastest of this process and {len(copy.process_gbps) - 1} fresh ones: {figures})"
+
+
 def format_header(run: BenchRun) -> str:
     """The lines that make a table's numbers interpretable: the machine, the threads, the copy yardstick."""
     m, s, copy = run.machine, run.settings, run.copy
@@ -88,7 +95,8 @@ def format_header(run: BenchRun) -> str:
             f"{_load_text(m)}",
             f"batch {s.batch}, ZFNet at {s.image_size}x{s.image_size}; "
             f"plain copy of {copy.nbytes / 2**20:.0f} MiB: {copy.preallocated_gbps:.1f} GB/s into a "
-            f"preallocated tensor, {copy.fresh_gbps:.1f} GB/s with a fresh allocation (clone)",
+            f"preallocated tensor{_processes_text(copy)}, {copy.fresh_gbps:.1f} GB/s with a fresh allocation "
+            "(clone)",
             *([quick_note(s)] if s.quick else []),
         ]
     )
@@ -232,8 +240,8 @@ def markdown_report(run: BenchRun, chart_note: str) -> str:
         f"- End-to-end cases: the verifying call is the warm-up and is profiled for peak memory; then the "
         f"calls that fit in {policy.long_budget_s:g} s are timed (at least 1, at most {policy.min_repeats})",
         f"- Plain copy of {copy.nbytes / 2**20:.0f} MiB (read + write): {copy.preallocated_gbps:.1f} GB/s "
-        f"into a preallocated tensor (the %copy yardstick), {copy.fresh_gbps:.1f} GB/s with a fresh "
-        "allocation",
+        f"into a preallocated tensor (the %copy yardstick){_processes_text(copy)}, {copy.fresh_gbps:.1f} "
+        "GB/s with a fresh allocation",
         f"- Peak memory: {m.peak_memory_method}",
         "- Every provider's result was checked against the reference backend before timing (pool, unpool, "
         "ReLU bit for bit; convolutions and end-to-end cases allclose); FAILED cells differ and were not "
