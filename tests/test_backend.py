@@ -30,7 +30,8 @@ def test_available_backends():
     assert names[0] == "auto" and "reference" in names
     assert set(names) <= {"auto", "cpu", "reference", "triton", "cuda"}
     assert ("cpu" in names) == (_extension.cpu_module is not None)
-    assert BACKENDS == [n for n in names if n != "auto"]
+    assert BACKENDS == [n for n in names if n != "auto" and "cpu" in _backend._runs_on(n)]
+    assert ("triton" in BACKENDS) == ("triton" in names and _backend.triton_interpreted())
 
 
 def test_cpu_extension_is_built():
