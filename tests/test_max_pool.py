@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -364,6 +368,35 @@ def test_every_row_width_and_vector_grouping(gen, dtype, stride):
                 x = tied((1, 2, height, width), dtype, gen)
                 check_pool(x, 3, stride, padding, ceil_mode, True)
                 check_pool(x, 3, stride, padding, ceil_mode, False)
+
+
+@pytest.mark.parametrize("width", [17, 33, 40, 55, 110])
+def test_a_single_nan_anywhere_in_the_plane(gen, width):
+    """The 3x3 stride-2 walk assumes no NaN and checks the elements it reads as it goes, walking again when
+    one turns up: plane i of the batch holds one NaN, at flat position i, so every position is checked,
+    including the last element a vector group reads and the borders the walk leaves to other code."""
+    height = 9
+    x = tied((height * width, height, width), torch.float32, gen)
+    x.view(height * width, -1).diagonal().fill_(float("nan"))
+    for relu in (False, True):
+        check_pool(x, 3, 2, 0, True, relu)
+        check_pool(x, 3, 2, 1, False, relu)
+
+
+def test_avx2_walk_matches_torch_where_avx512_is_present():
+    """ZFK_NO_AVX512=1 makes the CPU kernels take their AVX2 paths even on an AVX-512 machine, so both
+    versions of the 3x3 stride-2 walk are checked here, NaN rerun included."""
+    script = (
+        "import torch, test_max_pool as t\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "t.test_a_single_nan_anywhere_in_the_plane(g, 40)\n"
+        "for w in range(17, 60, 3):\n"
+        "    x = t.tied((2, 3, 23, w), torch.float32, g)\n"
+        "    for relu in (False, True):\n"
+        "        t.check_pool(x, 3, 2, 0, True, relu)\n"
+    )
+    env = dict(os.environ, ZFK_NO_AVX512="1", PYTHONPATH=os.path.dirname(__file__))
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

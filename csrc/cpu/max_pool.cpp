@@ -8,6 +8,9 @@
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
 #include "kernels/max_pool.h"
+#if ZFK_HAS_AVX512
+#include <immintrin.h>
+#endif
 
 namespace zfk::cpu {
 namespace {
@@ -108,11 +111,10 @@ __attribute__((always_inline)) inline void window_block(const T* first_row, cons
   }
 }
 
-template <typename T>
+template <typename T, typename V = typename Simd<T>::Vec>
 __attribute__((always_inline)) inline bool contains_nan(const T* data, int64_t n) {
-  using V = typename Simd<T>::Vec;
-  using I = typename Simd<T>::Int;
-  constexpr int L = Simd<T>::kLanes;
+  using I = decltype(V{} != V{});
+  constexpr int L = sizeof(V) / sizeof(T);
   // Four independent accumulators: one compare-and-or per vector, no loop-carried chain to wait on.
   I any[4] = {};
   int64_t i = 0;
@@ -135,11 +137,12 @@ __attribute__((always_inline)) inline bool contains_nan(const T* data, int64_t n
 }
 
 // The windows of output column `ow` (clipped by the plane's left or right edge, so the column-lane vectors
-// cannot take it) for L output rows at a time, lanes = rows [oh, oh + L), all with full-height windows.
-// Same decisions as window_block: the first element taken (rectified if kRelu), then take when v > best,
-// or v is NaN (kNaN); the switch counts from the unclipped window origin.
+// cannot take it) for n <= L output rows at a time, lanes = rows [oh, oh + n), all with full-height windows
+// (lanes past n repeat row oh and are not stored). Same decisions as window_block: the first element taken
+// (rectified if kRelu), then take when v > best, or v is NaN (kNaN); the switch counts from the unclipped
+// window origin.
 template <bool kRelu, bool kNaN, typename T, typename S>
-__attribute__((always_inline)) inline void border_column(const T* plane, const PoolGeometry& g, int64_t oh,
+__attribute__((always_inline)) inline void border_column(const T* plane, const PoolGeometry& g, int64_t oh, int n,
                                                          int64_t ow, int64_t out_w, T* values, S* switches) {
   using V = typename Simd<T>::Vec;
   using I = typename Simd<T>::Int;
@@ -148,13 +151,13 @@ __attribute__((always_inline)) inline void border_column(const T* plane, const P
   const int64_t w0 = ow * g.stride_w - g.pad_w, h0 = oh * g.stride_h - g.pad_h;
   const int64_t iw_begin = std::max<int64_t>(0, w0), iw_end = std::min(g.in_w, w0 + g.kernel_w);
   const int64_t lane_stride = g.stride_h * g.in_w;  // input rows between neighbouring output rows
-  V best;
+  V best = {};  // set by the window's first element
   I offset = I{} + Lane(iw_begin - w0);
   for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
     for (int64_t iw = iw_begin; iw < iw_end; ++iw) {
       const T* at = plane + (h0 + kh) * g.in_w + iw;
       V v;
-      for (int j = 0; j < L; ++j) v[j] = at[j * lane_stride];
+      for (int j = 0; j < L; ++j) v[j] = at[(j < n ? j : 0) * lane_stride];
       if (kh == 0 && iw == iw_begin) {
         best = kRelu ? (v < V{} ? V{} : v) : v;
         continue;
@@ -164,87 +167,71 @@ __attribute__((always_inline)) inline void border_column(const T* plane, const P
       offset = take ? I{} + Lane(kh * g.kernel_w + (iw - w0)) : offset;
     }
   }
-  for (int j = 0; j < L; ++j) {
-    values[j * out_w] = best[j];
-    switches[j * out_w] = S(offset[j]);
+  T best_lanes[L];
+  Lane offset_lanes[L];
+  store_vec(best_lanes, best);
+  store_vec(offset_lanes, offset);
+  for (int j = 0; j < n; ++j) {
+    values[j * out_w] = best_lanes[j];
+    switches[j * out_w] = S(offset_lanes[j]);
   }
 }
 
 // 3x3 windows at stride 2 in both directions (ZFNet's and AlexNet's pools), float: each input row is folded
 // horizontally once and shared by the two output rows whose windows contain it, walking down the plane
-// one group of 8 output columns at a time. Folding a window by rows gives max_pool_window's answer: a later
+// one group of W output columns at a time. Folding a window by rows gives max_pool_window's answer: a later
 // row's fold replaces the running best exactly when its own first maximum would have (v > best or NaN).
-// Lanes stay in the order one 2-source shuffle leaves them (windows 0,1,4,5,2,3,6,7) until the store.
-namespace s2 {
-using V = Simd<float>::Vec;
-using I = Simd<float>::Int;
-constexpr I kEven = {0, 2, 8, 10, 4, 6, 12, 14}, kOdd = {1, 3, 9, 11, 5, 7, 13, 15};
-
-struct Fold {
-  V best;   // the row's running maximum per window
-  I offset; // its window-local offset kh * 3 + kw
-  V first;  // the row's first element (the window's first element when this row is a window's top)
+// Memory to pull into L1 while a plane is pooled (the next plane), as 64-byte lines from `begin`.
+// (Prefetching the next plane's outputs for writing as well measured no faster.)
+struct Prefetch {
+  const char* begin = nullptr;
+  int64_t lines = 0;
 };
 
-// The horizontal fold of one input row for 8 windows starting at input column `row[0]`; reads row[0..16].
-template <bool kNaN>
-__attribute__((always_inline)) inline Fold fold_row(const float* row, const I& offset0, const I& offset1,
-                                                    const I& offset2) {
-  const V a = load_vec<V>(row), b = load_vec<V>(row + 8), c = load_vec<V>(row + 1), d = load_vec<V>(row + 9);
-  const V v0 = __builtin_shuffle(a, b, kEven), v1 = __builtin_shuffle(a, b, kOdd), v2 = __builtin_shuffle(c, d, kOdd);
-  Fold f{v0, offset0, v0};
-  const I take1 = kNaN ? (v1 > f.best) | (v1 != v1) : (v1 > f.best);
-  f.best = take1 ? v1 : f.best;
-  f.offset = take1 ? offset1 : f.offset;
-  const I take2 = kNaN ? (v2 > f.best) | (v2 != v2) : (v2 > f.best);
-  f.best = take2 ? v2 : f.best;
-  f.offset = take2 ? offset2 : f.offset;
-  return f;
-}
+namespace s2 {
+// Float vectors of W lanes and the shuffles that split 2W adjacent elements into even and odd ones.
+template <int W> struct Lanes;
+template <> struct Lanes<8> {  // AVX2: in-lane shuffles, which leave the windows in order 0,1,4,5,2,3,6,7
+  typedef float V __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+  static constexpr I kEven = {0, 2, 8, 10, 4, 6, 12, 14}, kOdd = {1, 3, 9, 11, 5, 7, 13, 15};
+  static constexpr I kWindowOrder = {0, 1, 4, 5, 2, 3, 6, 7};  // undoes that order at the store
+};
+template <> struct Lanes<16> {  // AVX-512: one two-source permute per split, windows in order
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+  static constexpr I kEven = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  static constexpr I kOdd = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+};
 
-__attribute__((always_inline)) inline void take_if_better(V& best, I& offset, const Fold& row, bool nan) {
-  const I take = nan ? (row.best > best) | (row.best != row.best) : (row.best > best);
-  best = take ? row.best : best;
-  offset = take ? row.offset : offset;
-}
-
-// Rows [0, rows) of output columns [0, 8) (one group), `in` at the group's first window's top-left element.
-template <bool kRelu, bool kNaN, int kGroups>
-__attribute__((always_inline)) inline void walk(const float* in, int64_t in_w, int64_t rows, float* values,
-                                                uint8_t* switches, int64_t out_w) {
-  const I off[3][3] = {{I{} + 0, I{} + 1, I{} + 2}, {I{} + 3, I{} + 4, I{} + 5}, {I{} + 6, I{} + 7, I{} + 8}};
-  const I row_step = I{} + 6;  // a bottom row's offsets (6..8) become the next window's top offsets (0..2)
-  Fold top[kGroups];
-  for (int k = 0; k < kGroups; ++k) top[k] = fold_row<kNaN>(in + k * 16, off[0][0], off[0][1], off[0][2]);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* middle = in + (2 * r + 1) * in_w;
-#pragma GCC unroll 2
-    for (int k = 0; k < kGroups; ++k) {
-      const Fold mid = fold_row<kNaN>(middle + k * 16, off[1][0], off[1][1], off[1][2]);
-      const Fold bottom = fold_row<kNaN>(middle + in_w + k * 16, off[2][0], off[2][1], off[2][2]);
-      V best = top[k].best;
-      I offset = top[k].offset;
-      if (kRelu) {  // max_pool_window rectifies the window's first element only: 0 wins if nothing beats it
-        const I zero_wins = (top[k].first < V{}) & ~(kNaN ? (best > V{}) | (best != best) : (best > V{}));
-        best = zero_wins ? V{} : best;
-        offset = zero_wins ? I{} : offset;
-      }
-      take_if_better(best, offset, mid, kNaN);
-      take_if_better(best, offset, bottom, kNaN);
-      top[k] = {bottom.best, bottom.offset - row_step, bottom.first};
-      constexpr I kWindowOrder = {0, 1, 4, 5, 2, 3, 6, 7};  // undoes the shuffles' lane order
-      store_vec(values + r * out_w + k * 8, __builtin_shuffle(best, kWindowOrder));
-      store_switches(switches + r * out_w + k * 8, __builtin_shuffle(offset, kWindowOrder));
-    }
-  }
-}
+#include "cpu/max_pool_walk.inc"
 }  // namespace s2
+
+#if ZFK_HAS_AVX512
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+namespace s2_avx512 {
+using s2::Lanes;
+#include "cpu/max_pool_walk.inc"
+
+// The 3x3 stride-2 walk of one float plane with 16-lane vectors, on CPUs with AVX-512 (twice the
+// windows per instruction of the AVX2 clone).
+template <bool kRelu>
+__attribute__((noinline)) void walk_plane(const float* plane, const PoolGeometry& g, int64_t oh_lo, int64_t oh_hi,
+                                          int64_t ow_lo, int64_t ow_hi, float* values, uint8_t* switches,
+                                          const Prefetch& prefetch) {
+  walk_rows<16, kRelu>(plane, g, oh_lo, oh_hi, ow_lo, ow_hi, false, values, switches, prefetch);
+}
+}  // namespace s2_avx512
+#pragma GCC pop_options
+#endif
 
 // One call per plane, compiled per target (window_block, contains_nan and the dispatch lambdas are
 // forced inline into each clone; a lambda left out of line would be compiled for the default target):
 // a call per group of windows used to cost about a vector's work in prologue and spills.
 template <int kStride, bool kRelu, typename T, typename S>
-ZFK_VECTORIZED void pool_plane_vectorized(const T* plane, const PoolGeometry& g, T* values, S* switches) {
+ZFK_VECTORIZED void pool_plane_vectorized(const T* plane, const PoolGeometry& g, T* values, S* switches,
+                                          const Prefetch& prefetch) {
   constexpr int L = Simd<T>::kLanes;
   // Columns [ow_lo, ow_hi) have windows inside the plane's width; they go in groups of kBlocks vectors,
   // the last group shifted left to end at ow_hi (recomputing a few windows is cheaper than a ragged
@@ -256,19 +243,32 @@ ZFK_VECTORIZED void pool_plane_vectorized(const T* plane, const PoolGeometry& g,
   // that block's last window column when s = 2: allowed only if the row still has it.
   const bool forward_fits = kStride == 1 || (L - 1) * kStride + g.kernel_w < g.in_w;
   const bool grouped = span >= L && forward_fits;
-  // A plane free of NaN (the usual case) skips the NaN test in the windows' inner loop: one vector
-  // pass over the plane costs less than that test in every window.
-  const bool nan = contains_nan(plane, g.in_h * g.in_w);
-  // Rows [oh_lo, oh_column_end) have full-height windows in whole groups of L: their clipped border
-  // columns go L rows at a time (border_column) after the row loop; other rows take the element path.
+  // Rows [oh_lo, oh_hi) have full-height windows: their clipped border columns go L rows at a time
+  // (border_column) after the row loop; other rows take the element path.
   const int64_t oh_lo = std::min(g.out_h, (g.pad_h + g.stride_h - 1) / g.stride_h);
   const int64_t oh_hi = std::max(oh_lo, std::min(g.out_h, (g.in_h + g.pad_h - g.kernel_h) / g.stride_h + 1));
-  const int64_t oh_column_end = oh_lo + (oh_hi - oh_lo) / L * L;
   // 3x3 stride-2 float pools: the rows with full-height windows go column group by column group (s2::walk).
   constexpr bool kCanWalk = std::is_same_v<T, float> && std::is_same_v<S, uint8_t> && kStride == 2;
   const bool walked = kCanWalk && g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 2 && span >= L;
+  // A plane free of NaN (the usual case) skips the NaN test in the windows' inner loop: one vector
+  // pass over the plane costs less than that test in every window. The walk checks its own inputs as it
+  // goes, so a walked plane skips that pass and its few border windows always take the NaN test.
+  bool nan = true;
+  if constexpr (kCanWalk) {
+    if (walked && oh_hi > oh_lo) {
+#if ZFK_HAS_AVX512
+      if (cpu_has_avx512()) {
+        s2_avx512::walk_plane<kRelu>(plane, g, oh_lo, oh_hi, ow_lo, ow_hi, values, switches, prefetch);
+      } else
+#endif
+      {
+        s2::walk_rows<8, kRelu>(plane, g, oh_lo, oh_hi, ow_lo, ow_hi, false, values, switches, prefetch);
+      }
+    }
+  }
+  if (!walked) nan = contains_nan(plane, g.in_h * g.in_w);
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
-    const bool border_by_column = oh >= oh_lo && oh < oh_column_end;
+    const bool border_by_column = oh >= oh_lo && oh < oh_hi;
     T* value_row = values + oh * g.out_w;
     S* switch_row = switches + oh * g.out_w;
     const int64_t h0 = oh * g.stride_h - g.pad_h;
@@ -317,33 +317,15 @@ ZFK_VECTORIZED void pool_plane_vectorized(const T* plane, const PoolGeometry& g,
     for (int64_t ow = border_by_column ? g.out_w : ow_hi; ow < g.out_w; ++ow)
       max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);
   }
-  if constexpr (kCanWalk) {
-    if (walked && oh_hi > oh_lo) {
-      const float* top_row = plane + (oh_lo * 2 - g.pad_h) * g.in_w - g.pad_w;
-      for (int64_t ow = ow_lo; ow < ow_hi;) {
-        const int groups = ow_hi - ow >= 2 * L ? 2 : 1;  // two groups interleave their select chains
-        const int64_t start = std::min(ow, ow_hi - groups * L);  // the last group shifts left to end at ow_hi
-        const auto run = [&](auto with_nan, auto group_count) __attribute__((always_inline)) {
-          s2::walk<kRelu, decltype(with_nan)::value, decltype(group_count)::value>(
-              top_row + start * 2, g.in_w, oh_hi - oh_lo, values + oh_lo * g.out_w + start,
-              switches + oh_lo * g.out_w + start, g.out_w);
-        };
-        const auto with_groups = [&](auto with_nan) __attribute__((always_inline)) {
-          groups == 2 ? run(with_nan, std::integral_constant<int, 2>{}) : run(with_nan, std::integral_constant<int, 1>{});
-        };
-        nan ? with_groups(std::true_type{}) : with_groups(std::false_type{});
-        ow = start + groups * L;
-      }
-    }
-  }
   for (int64_t ow = 0; ow < g.out_w; ++ow) {
     if (ow == ow_lo) ow = ow_hi;  // the clipped columns: [0, ow_lo) and [ow_hi, out_w)
     if (ow >= g.out_w) break;
-    for (int64_t oh = oh_lo; oh < oh_column_end; oh += L) {
+    for (int64_t oh = oh_lo; oh < oh_hi; oh += L) {
+      const int n = int(std::min<int64_t>(L, oh_hi - oh));
       T* value_at = values + oh * g.out_w + ow;
       S* switch_at = switches + oh * g.out_w + ow;
-      nan ? border_column<kRelu, true>(plane, g, oh, ow, g.out_w, value_at, switch_at)
-          : border_column<kRelu, false>(plane, g, oh, ow, g.out_w, value_at, switch_at);
+      nan ? border_column<kRelu, true>(plane, g, oh, n, ow, g.out_w, value_at, switch_at)
+          : border_column<kRelu, false>(plane, g, oh, n, ow, g.out_w, value_at, switch_at);
     }
   }
 }
@@ -356,17 +338,17 @@ void pool_plane_scalar(const T* plane, const PoolGeometry& g, bool relu, T* valu
 }
 
 template <typename T, typename S>
-void pool_plane(const T* plane, const PoolGeometry& g, bool relu, T* values, S* switches) {
+void pool_plane(const T* plane, const PoolGeometry& g, bool relu, T* values, S* switches, const Prefetch& prefetch) {
   // Vectorized for uint8 switches only (windows of at most 256 elements, every pool a CNN uses): each
   // instantiation inlines a dozen window_block variants into two target clones.
   if constexpr ((std::is_same_v<T, float> || std::is_same_v<T, double>) && std::is_same_v<S, uint8_t>) {
     if (g.stride_w == 2) {
-      return relu ? pool_plane_vectorized<2, true>(plane, g, values, switches)
-                  : pool_plane_vectorized<2, false>(plane, g, values, switches);
+      return relu ? pool_plane_vectorized<2, true>(plane, g, values, switches, prefetch)
+                  : pool_plane_vectorized<2, false>(plane, g, values, switches, prefetch);
     }
     if (g.stride_w == 1) {
-      return relu ? pool_plane_vectorized<1, true>(plane, g, values, switches)
-                  : pool_plane_vectorized<1, false>(plane, g, values, switches);
+      return relu ? pool_plane_vectorized<1, true>(plane, g, values, switches, prefetch)
+                  : pool_plane_vectorized<1, false>(plane, g, values, switches, prefetch);
     }
   }
   // Other strides, windows over 256 elements and the half types (which compare in float) take the
@@ -389,12 +371,14 @@ void launch(const void* input, void* values, void* switches, int64_t planes, con
       const T* plane = static_cast<const T*>(input) + p * in_plane;
       T* value_plane = static_cast<T*>(values) + p * out_plane;
       S* switch_plane = static_cast<S*>(switches) + p * out_plane;
+      const Prefetch next{reinterpret_cast<const char*>(plane + in_plane),
+                          p + 1 < end ? (in_plane * int64_t(sizeof(T)) + 63) / 64 : 0};
       if (widened) {
         widen(plane, plane_f.data(), in_plane);
-        pool_plane(plane_f.data(), g, relu, values_f.data(), switch_plane);
+        pool_plane(plane_f.data(), g, relu, values_f.data(), switch_plane, next);
         narrow(values_f.data(), value_plane, out_plane);
       } else {
-        pool_plane(plane, g, relu, value_plane, switch_plane);
+        pool_plane(plane, g, relu, value_plane, switch_plane, next);
       }
     }
   });

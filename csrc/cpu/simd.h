@@ -12,11 +12,31 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define ZFK_VECTORIZED __attribute__((target_clones("arch=x86-64-v3", "default")))
+// A few hot loops also have an AVX-512 version (defined under `#pragma GCC target("arch=x86-64-v4")`),
+// called after a run-time check (cpu_has_avx512).
+#define ZFK_HAS_AVX512 1
+#include <cstdlib>
 #else
 #define ZFK_VECTORIZED
+#define ZFK_HAS_AVX512 0
 #endif
 
 namespace zfk::cpu {
+
+#if ZFK_HAS_AVX512
+// Whether this CPU runs x86-64-v4 code (AVX-512 F/BW/CD/DQ/VL); ZFK_NO_AVX512=1 says no, so the tests
+// can check the AVX2 paths on a machine that has both.
+inline bool cpu_has_avx512() {
+  static const bool has = [] {
+    const char* off = std::getenv("ZFK_NO_AVX512");
+    if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  return has;
+}
+#endif
 
 // 32-byte vectors of a float type, and integer vectors with lanes of the same width (for masks).
 template <typename T> struct Simd;
