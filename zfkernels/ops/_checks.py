@@ -59,6 +59,19 @@ def pooled_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool) 
     return out
 
 
+def pooled_shape(size: Sequence[int], kernel: Pair, stride: Pair, pad: Pair, ceil_mode: bool) -> Pair:
+    """The (height, width) a pool gives an input of (height, width) `size`: pooled_size per dimension."""
+    return (
+        pooled_size(size[0], kernel[0], stride[0], pad[0], ceil_mode),
+        pooled_size(size[1], kernel[1], stride[1], pad[1], ceil_mode),
+    )
+
+
+def pool_geometry_args(in_size: Pair, out_size: Pair, kernel: Pair, stride: Pair, pad: Pair):
+    """A pool's geometry as the native modules take it: (in_h, in_w, out_h, out_w), (kernel, stride, pad)."""
+    return (*in_size, *out_size), (*kernel, *stride, *pad)
+
+
 def switch_dtype(kernel: Pair) -> torch.dtype:
     """The narrowest integer that holds every window-local offset."""
     window = kernel[0] * kernel[1]

@@ -10,7 +10,7 @@ import torch
 
 from .._extension import DTYPE_CODES, SWITCH_CODES, cpu_module, output_empty
 from . import reference
-from ._checks import Pair, check_no_invalid_switches, pooled_size
+from ._checks import Pair, check_no_invalid_switches, pool_geometry_args, pooled_shape
 from .conv_transpose import conv_transpose_output_size
 from .reference import RULES
 
@@ -19,19 +19,12 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _pool_args(in_size: Pair, out_size: Pair, kernel: Pair, stride: Pair, padding: Pair):
-    return (*in_size, *out_size), (*kernel, *stride, *padding)
-
-
 def max_pool2d_switches(
     input, kernel: Pair, stride: Pair, padding: Pair, ceil_mode: bool, relu: bool, switch_dtype
 ):
     x = input.contiguous()
     n, c, h, w = x.shape
-    out_size = (
-        pooled_size(h, kernel[0], stride[0], padding[0], ceil_mode),
-        pooled_size(w, kernel[1], stride[1], padding[1], ceil_mode),
-    )
+    out_size = pooled_shape((h, w), kernel, stride, padding, ceil_mode)
     values = output_empty((n, c, *out_size), x)
     switches = output_empty((n, c, *out_size), x, dtype=switch_dtype)
     cpu_module.max_pool2d_switches(
@@ -41,7 +34,7 @@ def max_pool2d_switches(
         DTYPE_CODES[x.dtype],
         SWITCH_CODES[switch_dtype],
         n * c,
-        *_pool_args((h, w), out_size, kernel, stride, padding),
+        *pool_geometry_args((h, w), out_size, kernel, stride, padding),
         relu,
         _threads(),
     )
@@ -72,7 +65,7 @@ def _unpool(values, switches, gate, kernel: Pair, stride: Pair, padding: Pair, o
         DTYPE_CODES[v.dtype],
         SWITCH_CODES[s.dtype],
         n * c,
-        *_pool_args(output_size, tuple(v.shape[-2:]), kernel, stride, padding),
+        *pool_geometry_args(output_size, tuple(v.shape[-2:]), kernel, stride, padding),
         relu,
         _threads(),
     )
@@ -91,7 +84,7 @@ def gather_switches(source, switches, kernel: Pair, stride: Pair, padding: Pair)
         DTYPE_CODES[src.dtype],
         SWITCH_CODES[s.dtype],
         n * c,
-        *_pool_args(tuple(src.shape[-2:]), tuple(s.shape[-2:]), kernel, stride, padding),
+        *pool_geometry_args(tuple(src.shape[-2:]), tuple(s.shape[-2:]), kernel, stride, padding),
         _threads(),
     )
     check_no_invalid_switches(invalid)
@@ -182,7 +175,7 @@ def unpool_conv_transpose2d(
     out_h = conv_transpose_output_size(unpool_size[0], k_h, stride[0], padding[0], output_padding[0], 1)
     out_w = conv_transpose_output_size(unpool_size[1], k_w, stride[1], padding[1], output_padding[1], 1)
     out = output_empty((n, c_out, out_h, out_w), v)
-    pool_sizes, pool_params = _pool_args(
+    pool_sizes, pool_params = pool_geometry_args(
         unpool_size, tuple(v.shape[-2:]), pool_kernel, pool_stride, pool_padding
     )
     invalid = cpu_module.unpool_conv_transpose2d(

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from .._extension import DTYPE_CODES, SWITCH_CODES, cuda_module
-from ._checks import Pair, check_no_invalid_switches, pooled_size
+from ._checks import Pair, check_no_invalid_switches, pool_geometry_args, pooled_shape
 from .conv_transpose import conv_transpose_output_size
 from .reference import RULES
 
@@ -36,20 +36,13 @@ def _check_invalid(counter: torch.Tensor) -> None:
         check_no_invalid_switches(int(counter.item()))
 
 
-def _pool_args(in_size: Pair, out_size: Pair, kernel: Pair, stride: Pair, padding: Pair):
-    return (*in_size, *out_size), (*kernel, *stride, *padding)
-
-
 def max_pool2d_switches(
     input, kernel: Pair, stride: Pair, padding: Pair, ceil_mode: bool, relu: bool, switch_dtype
 ):
     """Values and window-local switches of a max-pool (after a ReLU when `relu`), bit-exact with reference."""
     x = input.contiguous()
     n, c, h, w = x.shape
-    out_size = (
-        pooled_size(h, kernel[0], stride[0], padding[0], ceil_mode),
-        pooled_size(w, kernel[1], stride[1], padding[1], ceil_mode),
-    )
+    out_size = pooled_shape((h, w), kernel, stride, padding, ceil_mode)
     values = torch.empty((n, c, *out_size), dtype=x.dtype, device=x.device)
     switches = torch.empty((n, c, *out_size), dtype=switch_dtype, device=x.device)
     with _on(x) as stream:
@@ -60,7 +53,7 @@ def max_pool2d_switches(
             DTYPE_CODES[x.dtype],
             SWITCH_CODES[switch_dtype],
             n * c,
-            *_pool_args((h, w), out_size, kernel, stride, padding),
+            *pool_geometry_args((h, w), out_size, kernel, stride, padding),
             relu,
             stream,
         )
@@ -94,7 +87,7 @@ def _unpool(values, switches, gate, kernel: Pair, stride: Pair, padding: Pair, o
             DTYPE_CODES[v.dtype],
             SWITCH_CODES[s.dtype],
             n * c,
-            *_pool_args(output_size, tuple(v.shape[-2:]), kernel, stride, padding),
+            *pool_geometry_args(output_size, tuple(v.shape[-2:]), kernel, stride, padding),
             relu,
             invalid.data_ptr(),
             stream,
@@ -117,7 +110,7 @@ def gather_switches(source, switches, kernel: Pair, stride: Pair, padding: Pair)
             DTYPE_CODES[src.dtype],
             SWITCH_CODES[s.dtype],
             n * c,
-            *_pool_args(tuple(src.shape[-2:]), tuple(s.shape[-2:]), kernel, stride, padding),
+            *pool_geometry_args(tuple(src.shape[-2:]), tuple(s.shape[-2:]), kernel, stride, padding),
             invalid.data_ptr(),
             stream,
         )
@@ -212,7 +205,7 @@ def unpool_conv_transpose2d(
     out_h = conv_transpose_output_size(unpool_size[0], k_h, stride[0], padding[0], output_padding[0], 1)
     out_w = conv_transpose_output_size(unpool_size[1], k_w, stride[1], padding[1], output_padding[1], 1)
     out = torch.empty((n, c_out, out_h, out_w), dtype=v.dtype, device=v.device)
-    pool_sizes, pool_params = _pool_args(
+    pool_sizes, pool_params = pool_geometry_args(
         unpool_size, tuple(v.shape[-2:]), pool_kernel, pool_stride, pool_padding
     )
     invalid = _invalid_counter(v)

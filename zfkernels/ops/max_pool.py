@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._backend import implementation, op, register_autograd
-from ._checks import check_pool_fits, check_tensor, pool_params, pooled_size, switch_dtype
+from ._checks import check_pool_fits, check_tensor, pool_params, pooled_shape, switch_dtype
 from .reference import switch_targets
 
 
@@ -25,12 +25,9 @@ def _max_pool2d_switches_op(
 @_max_pool2d_switches_op.register_fake
 def _(input, kernel_size, stride, padding, ceil_mode, relu):
     n, c, h, w = input.shape
-    out_h = pooled_size(h, kernel_size[0], stride[0], padding[0], ceil_mode)
-    out_w = pooled_size(w, kernel_size[1], stride[1], padding[1], ceil_mode)
     kernel = (kernel_size[0], kernel_size[1])
-    return input.new_empty((n, c, out_h, out_w)), input.new_empty(
-        (n, c, out_h, out_w), dtype=switch_dtype(kernel)
-    )
+    out_size = pooled_shape((h, w), kernel, stride, padding, ceil_mode)
+    return input.new_empty((n, c, *out_size)), input.new_empty((n, c, *out_size), dtype=switch_dtype(kernel))
 
 
 def _setup_context(ctx, inputs, output):
