@@ -334,6 +334,23 @@ def test_cli_without_torchvision_drops_deconvnet_by_default_and_refuses_it_by_na
     assert f"cannot run deconvnet: {missing}" in capsys.readouterr().err
 
 
+def test_cli_default_runs_every_mode_in_fp32_and_bf16_and_quick_a_subset():
+    """The default run is the issue's matrix: every op in forward, backward and full, fp32 and bf16 (the
+    end-to-end cases in their own mode and fp32); --quick keeps fp32 and each op's own modes."""
+    selected, _, _ = _plan(build_parser().parse_args(["bench"]))
+    op_cases = [case for case in selected if not case.end_to_end]
+    assert {(case.mode, case.dtype) for case in op_cases} == {
+        (mode, dtype) for mode in ("forward", "backward", "full") for dtype in ("fp32", "bf16")
+    }
+    assert {case.shape for case in op_cases if case.op == "unpool_conv_transpose"} == {"L1", "L2", "L5"}
+    quick, _, _ = _plan(build_parser().parse_args(["bench", "--quick"]))
+    assert {case.dtype for case in quick} == {"fp32"}
+    assert {(case.op, case.mode) for case in quick if not case.end_to_end} == {
+        ("pool", "forward"), ("pool", "backward"), ("relu", "forward"), ("relu", "backward"),
+        ("unpool", "forward"), ("conv_transpose", "forward"), ("unpool_conv_transpose", "forward"),
+    }  # fmt: skip
+
+
 def test_cli_quick_keeps_captum_and_leaves_out_compile_and_the_reference():
     _, settings, _ = _plan(build_parser().parse_args(["bench", "--quick"]))
     captum = [] if provider_unavailable("captum") else ["captum"]

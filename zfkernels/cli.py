@@ -110,14 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--modes",
         type=_comma_list,
-        help="forward, backward, full or all; default each op's own (pool and relu forward+backward, "
-        "the others forward; zfnet_train is full, deconvnet forward)",
+        help="forward, backward, full or all; default all (zfnet_train is full, deconvnet forward); with "
+        "--quick each op's own (pool and relu forward+backward, the others forward)",
     )
     bench.add_argument(
         "--dtype",
         type=_comma_list,
-        default=["fp32"],
-        help="fp32, bf16 or both; default fp32 (the end-to-end cases run in fp32 only)",
+        help="fp32, bf16 or all; default all (fp32 with --quick; the end-to-end cases run in fp32 only)",
     )
     bench.add_argument("--device", help="cpu or cuda[:N]; default cuda when present, else cpu")
     bench.add_argument(
@@ -196,11 +195,13 @@ def _plan(args: argparse.Namespace) -> tuple[list[Case], Settings, list[str]]:
     """The cases and settings `bench` was asked for, checked before anything is measured, and notes on
     end-to-end cases left out of a default selection because a package they need is missing."""
     try:
+        modes = args.modes or (None if args.quick else ["all"])  # None: each op's own
+        dtypes = args.dtype or (["fp32"] if args.quick else ["all"])
         selected = select_cases(
             args.ops,
             args.shapes,
-            MODES if args.modes == ["all"] else args.modes,
-            list(DTYPES) if args.dtype == ["all"] else args.dtype,
+            MODES if modes == ["all"] else modes,
+            list(DTYPES) if dtypes == ["all"] else dtypes,
         )
     except ValueError as error:
         raise UsageError(str(error)) from None

@@ -164,7 +164,7 @@ class OpSpec:
 
     name: str
     layers: tuple[str, ...]
-    default_modes: tuple[str, ...]
+    quick_modes: tuple[str, ...]
     exact: bool
     memory_bound: bool
     # The reference backend is the stock code itself here; timing it again only measures dispatch.
@@ -395,7 +395,8 @@ def _conv_transpose_workload(
 def _unpool_conv_transpose_workload(
     layer: ConvLayer, batch: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator
 ) -> Workload:
-    """Layer 2's deconvnet step: pooled 13x13 -> unpooled 26x26 -> ReLU -> 5x5/2 transposed conv -> 55x55."""
+    """A layer's deconvnet step, e.g. layer 2's: pooled 13x13 -> unpooled 26x26 -> ReLU -> 5x5/2
+    transposed conv -> 55x55."""
     size = layer.out_size
     pooled = (batch, layer.out_channels, layer.pooled_size, layer.pooled_size)
     values = _randn(pooled, dtype, device, generator)
@@ -447,7 +448,7 @@ OPS: dict[str, OpSpec] = {
                reference_is_stock=True, build=_relu_workload),
         OpSpec("conv_transpose", LAYERS, ("forward",), exact=False, memory_bound=False,
                reference_is_stock=True, build=_conv_transpose_workload),
-        OpSpec("unpool_conv_transpose", ("L2",), ("forward",), exact=False, memory_bound=False,
+        OpSpec("unpool_conv_transpose", ("L1", "L2", "L5"), ("forward",), exact=False, memory_bound=False,
                reference_is_stock=False, build=_unpool_conv_transpose_workload),
     )
 }  # fmt: skip
@@ -461,7 +462,7 @@ def select_cases(
 ) -> list[Case]:
     """The cases of the chosen ops, shapes, modes and dtypes, in suite order (op cases, then end-to-end).
 
-    `None` means each op's own: all its layers, and its default modes (the issue-2 set: pool forward and
+    `None` means each op's own: all its layers, and its quick modes (the issue-2 set: pool forward and
     backward, ReLU forward and backward, everything else forward). An end-to-end case exists at one shape,
     in one mode and in its own dtypes only, so a selection that names none of those leaves it out (an
     empty result is the caller's to report: see `describe_ops`). Unknown names raise ValueError.
@@ -477,7 +478,7 @@ def select_cases(
         for layer in spec.layers:
             if shapes is not None and layer not in shapes:
                 continue
-            for mode in spec.default_modes if modes is None else [m for m in MODES if m in modes]:
+            for mode in spec.quick_modes if modes is None else [m for m in MODES if m in modes]:
                 cases.extend(Case(spec.name, layer, mode, dtype) for dtype in dtypes)
     for spec in END_TO_END.values():
         if (
