@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -233,6 +239,62 @@ def test_cpu_threads_split_planes_exactly(two_threads):
         atol=1e-4,
         label="conv_transpose2d",
     )
+
+
+def _pool_and_check(x: torch.Tensor) -> None:
+    values, _ = zk.max_pool2d_switches(x, 3, 2, ceil_mode=True, relu=True)
+    assert_bitwise_equal(values, F.max_pool2d(F.relu(x), 3, 2, ceil_mode=True), "pool values")
+
+
+def test_cpu_workers_serve_several_python_threads_at_once(two_threads):
+    """The kernels' worker threads persist between calls and take one job at a time; a call that finds
+    them busy (another thread's op: the bindings release the GIL) starts threads of its own."""
+    g = torch.Generator().manual_seed(3)
+    inputs = [tied((2, 8, 129, 130), torch.float32, g) for _ in range(4)]
+    errors = []
+
+    def client(x):
+        try:
+            for _ in range(20):
+                _pool_and_check(x)
+        except Exception as error:  # noqa: BLE001 - re-raised below, on the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=client, args=(x,)) for x in inputs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a kernel call hung"
+    assert not errors, errors[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_cpu_kernels_run_in_a_forked_child(two_threads):
+    """A forked child has none of its parent's worker threads: its first multi-threaded call starts its
+    own instead of waiting on threads that do not exist (DataLoader workers fork)."""
+    x = tied((2, 8, 129, 130), torch.float32, torch.Generator().manual_seed(4))
+    _pool_and_check(x)  # the parent's workers exist now
+    expected = F.max_pool2d(F.relu(x), 3, 2, ceil_mode=True).numpy().tobytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running: what we test
+        pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if the kernel ran and was right
+        # No stock torch op here: after its parent ran OpenMP threads, torch's own ops hang in a child.
+        code = 1
+        try:
+            values, _ = zk.max_pool2d_switches(x, 3, 2, ceil_mode=True, relu=True)
+            code = 0 if values.numpy().tobytes() == expected else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while (status := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if status[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's kernel call hung")
+    assert os.waitstatus_to_exitcode(status[1]) == 0
 
 
 # ---------------------------------------------------------------------------------------------- CUDA

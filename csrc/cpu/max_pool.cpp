@@ -268,6 +268,8 @@ ZFK_VECTORIZED void pool_plane_vectorized(const T* plane, const PoolGeometry& g,
   }
   if (!walked) nan = contains_nan(plane, g.in_h * g.in_w);
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
+    if (walked && oh == oh_lo) oh = oh_hi;  // the walk did these rows, border_column their border columns
+    if (oh >= g.out_h) break;
     const bool border_by_column = oh >= oh_lo && oh < oh_hi;
     T* value_row = values + oh * g.out_w;
     S* switch_row = switches + oh * g.out_w;
@@ -276,9 +278,7 @@ ZFK_VECTORIZED void pool_plane_vectorized(const T* plane, const PoolGeometry& g,
     const T* first_row = plane + (h0 + kh_begin) * g.in_w - g.pad_w;
     for (int64_t ow = 0; ow < (border_by_column ? 0 : ow_lo); ++ow)
       max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);
-    if (walked && oh >= oh_lo && oh < oh_hi) {
-      // s2::walk below
-    } else if (grouped) {
+    if (grouped) {
       // Groups of 4 vectors; the tail group takes just enough vectors to cover what is left (a row of 54
       // windows costs 4 + 3 vectors, not 4 + 4), shifted left to end at ow_hi. Fewer, longer calls: a call
       // has a fixed cost of about a vector's work.
