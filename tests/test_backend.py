@@ -246,9 +246,9 @@ def _pool_and_check(x: torch.Tensor) -> None:
     assert_bitwise_equal(values, F.max_pool2d(F.relu(x), 3, 2, ceil_mode=True), "pool values")
 
 
-def test_cpu_workers_serve_several_python_threads_at_once(two_threads):
-    """The kernels' worker threads persist between calls and take one job at a time; a call that finds
-    them busy (another thread's op: the bindings release the GIL) starts threads of its own."""
+def test_cpu_ops_from_several_python_threads_at_once(two_threads):
+    """Ops from several Python threads at once (the bindings release the GIL), each splitting its work
+    over threads of its own, give the same results as alone."""
     g = torch.Generator().manual_seed(3)
     inputs = [tied((2, 8, 129, 130), torch.float32, g) for _ in range(4)]
     errors = []
@@ -271,10 +271,10 @@ def test_cpu_workers_serve_several_python_threads_at_once(two_threads):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_cpu_kernels_run_in_a_forked_child(two_threads):
-    """A forked child has none of its parent's worker threads: its first multi-threaded call starts its
-    own instead of waiting on threads that do not exist (DataLoader workers fork)."""
+    """A forked child (DataLoader workers fork) runs multi-threaded kernels: no thread state of the
+    parent's is waited on."""
     x = tied((2, 8, 129, 130), torch.float32, torch.Generator().manual_seed(4))
-    _pool_and_check(x)  # the parent's workers exist now
+    _pool_and_check(x)  # the parent has run multi-threaded kernels
     expected = F.max_pool2d(F.relu(x), 3, 2, ceil_mode=True).numpy().tobytes()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running: what we test
