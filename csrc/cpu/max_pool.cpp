@@ -111,10 +111,11 @@ __attribute__((always_inline)) inline void window_block(const T* first_row, cons
   }
 }
 
-template <typename T, typename V = typename Simd<T>::Vec>
+template <typename T>
 __attribute__((always_inline)) inline bool contains_nan(const T* data, int64_t n) {
-  using I = decltype(V{} != V{});
-  constexpr int L = sizeof(V) / sizeof(T);
+  using V = typename Simd<T>::Vec;
+  using I = typename Simd<T>::Int;
+  constexpr int L = Simd<T>::kLanes;
   // Four independent accumulators: one compare-and-or per vector, no loop-carried chain to wait on.
   I any[4] = {};
   int64_t i = 0;
@@ -220,7 +221,7 @@ template <bool kRelu>
 __attribute__((noinline)) void walk_plane(const float* plane, const PoolGeometry& g, int64_t oh_lo, int64_t oh_hi,
                                           int64_t ow_lo, int64_t ow_hi, float* values, uint8_t* switches,
                                           const Prefetch& prefetch) {
-  walk_rows<16, kRelu>(plane, g, oh_lo, oh_hi, ow_lo, ow_hi, false, values, switches, prefetch);
+  walk_rows<16, kRelu>(plane, g, oh_lo, oh_hi, ow_lo, ow_hi, values, switches, prefetch);
 }
 }  // namespace s2_avx512
 #pragma GCC pop_options
@@ -262,7 +263,7 @@ ZFK_VECTORIZED void pool_plane_vectorized(const T* plane, const PoolGeometry& g,
       } else
 #endif
       {
-        s2::walk_rows<8, kRelu>(plane, g, oh_lo, oh_hi, ow_lo, ow_hi, false, values, switches, prefetch);
+        s2::walk_rows<8, kRelu>(plane, g, oh_lo, oh_hi, ow_lo, ow_hi, values, switches, prefetch);
       }
     }
   }
