@@ -360,22 +360,26 @@ def test_backward_gate_matches_relu_backward_with_nan_and_zeros(backend, gen):
 @pytest.mark.parametrize("stride", [1, 2])
 def test_every_row_width_and_vector_grouping(gen, dtype, stride):
     """The CPU kernel covers a row with groups of 1 to 4 vectors (the tail group shifted left), and clipped
-    border columns 8 (or 4) rows at a time where rows allow, element by element elsewhere: every width from
-    3 to 80, at heights with and without whole row groups, exercises each path against F.max_pool2d."""
+    border columns 8 (or 4) rows at a time where rows allow, element by element elsewhere; the 3x3 stride-2
+    walk also takes a bottom row (right column) that ceil_mode clips by one input row (column), as on even
+    sizes here: every width from 3 to 80, at heights with and without whole row groups and a clipped bottom
+    row, exercises each path against F.max_pool2d."""
     for width in range(3, 81):
-        for height in (5, 23):
+        for height in (5, 6, 23):
             for padding, ceil_mode in ((0, True), (1, False)):
                 x = tied((1, 2, height, width), dtype, gen)
                 check_pool(x, 3, stride, padding, ceil_mode, True)
                 check_pool(x, 3, stride, padding, ceil_mode, False)
 
 
-@pytest.mark.parametrize("width", [17, 33, 40, 55, 110])
-def test_a_single_nan_anywhere_in_the_plane(gen, width):
+@pytest.mark.parametrize("height", [9, 10])
+@pytest.mark.parametrize("width", [17, 32, 33, 40, 52, 55, 96, 110])
+def test_a_single_nan_anywhere_in_the_plane(gen, width, height):
     """The 3x3 stride-2 walk assumes no NaN and checks the elements it reads as it goes, walking again when
     one turns up: plane i of the batch holds one NaN, at flat position i, so every position is checked,
-    including the last element a vector group reads and the borders the walk leaves to other code."""
-    height = 9
+    including the last element a vector group reads, the clipped bottom row and right column the walk takes
+    (even sizes, ceil_mode; the column in a 16-lane group at widths 32, 52 and 96, in an 8-lane one at 40
+    and 110) and the borders it leaves to other code."""
     x = tied((height * width, height, width), torch.float32, gen)
     x.view(height * width, -1).diagonal().fill_(float("nan"))
     for relu in (False, True):
@@ -389,7 +393,7 @@ def test_avx2_walk_matches_torch_where_avx512_is_present():
     script = (
         "import torch, test_max_pool as t\n"
         "g = torch.Generator().manual_seed(0)\n"
-        "t.test_a_single_nan_anywhere_in_the_plane(g, 40)\n"
+        "t.test_a_single_nan_anywhere_in_the_plane(g, 40, 10)\n"
         "for w in range(17, 60, 3):\n"
         "    x = t.tied((2, 3, 23, w), torch.float32, g)\n"
         "    for relu in (False, True):\n"
@@ -403,8 +407,9 @@ def test_avx2_walk_matches_torch_where_avx512_is_present():
 @pytest.mark.parametrize("special", ["nan", "neg_inf"])
 def test_border_columns_with_nan_and_infinities(gen, special, dtype):
     """Border columns taken L rows at a time follow torch for NaN (last NaN wins) and -inf windows too."""
-    for width in (9, 17, 30):
+    for width in (9, 17, 30, 52):
         x = make_input(special, (2, 3, 40, width), dtype, gen)
         for relu in (False, True):
             check_pool(x, 3, 2, 1, True, relu)
+            check_pool(x, 3, 2, 0, True, relu)  # even sizes: the walk takes the clipped bottom row and right column
             check_pool(x, (3, 2), (2, 1), (1, 0), False, relu)

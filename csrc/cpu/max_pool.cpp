@@ -205,6 +205,7 @@ template <> struct Lanes<16> {  // AVX-512: one two-source permute per split, wi
   static constexpr I kOdd = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
 };
 
+constexpr bool kMaskedLoads = false;  // the default and AVX2 clones: the walk never clips a column
 #include "cpu/max_pool_walk.inc"
 }  // namespace s2
 
@@ -213,15 +214,16 @@ template <> struct Lanes<16> {  // AVX-512: one two-source permute per split, wi
 #pragma GCC target("arch=x86-64-v4")
 namespace s2_avx512 {
 using s2::Lanes;
+constexpr bool kMaskedLoads = true;  // a masked load stops at the row's end: the walk takes a clipped column
 #include "cpu/max_pool_walk.inc"
 
 // The 3x3 stride-2 walk of one float plane with 16-lane vectors, on CPUs with AVX-512 (twice the
 // windows per instruction of the AVX2 clone).
 template <bool kRelu>
 __attribute__((noinline)) void walk_plane(const float* plane, const PoolGeometry& g, int64_t oh_lo, int64_t oh_hi,
-                                          int64_t ow_lo, int64_t ow_hi, float* values, uint8_t* switches,
-                                          const Prefetch& prefetch) {
-  walk_rows<16, kRelu>(plane, g, oh_lo, oh_hi, ow_lo, ow_hi, values, switches, prefetch);
+                                          bool clipped_row, int64_t ow_lo, int64_t ow_hi, bool clipped_column,
+                                          float* values, uint8_t* switches, const Prefetch& prefetch) {
+  walk_rows<16, kRelu>(plane, g, oh_lo, oh_hi, clipped_row, ow_lo, ow_hi, clipped_column, values, switches, prefetch);
 }
 }  // namespace s2_avx512
 #pragma GCC pop_options
@@ -251,19 +253,31 @@ ZFK_VECTORIZED void pool_plane_vectorized(const T* plane, const PoolGeometry& g,
   // 3x3 stride-2 float pools: the rows with full-height windows go column group by column group (s2::walk).
   constexpr bool kCanWalk = std::is_same_v<T, float> && std::is_same_v<S, uint8_t> && kStride == 2;
   const bool walked = kCanWalk && g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 2 && span >= L;
+  // The walk also takes the next row (column) when its windows lack only their last input row (column), as
+  // ceil_mode's do on an even-sized plane: the bottom row (right column) is then no border. The column takes
+  // masked loads, in the AVX-512 walk only.
+  const bool clipped_row = walked && oh_hi < g.out_h && oh_hi * 2 - g.pad_h + 2 == g.in_h;
+  bool clipped_column = walked && ow_hi < g.out_w && ow_hi * 2 - g.pad_w + 2 == g.in_w;
+#if ZFK_HAS_AVX512
+  clipped_column = clipped_column && cpu_has_avx512();
+#else
+  clipped_column = false;
+#endif
+  const int64_t walk_oh_hi = oh_hi + clipped_row, walk_ow_hi = ow_hi + clipped_column;
   // A plane free of NaN (the usual case) skips the NaN test in the windows' inner loop: one vector
   // pass over the plane costs less than that test in every window. The walk checks its own inputs as it
   // goes, so a walked plane skips that pass and its few border windows always take the NaN test.
   bool nan = true;
   if constexpr (kCanWalk) {
-    if (walked && oh_hi > oh_lo) {
+    if (walked && walk_oh_hi > oh_lo) {
 #if ZFK_HAS_AVX512
       if (cpu_has_avx512()) {
-        s2_avx512::walk_plane<kRelu>(plane, g, oh_lo, oh_hi, ow_lo, ow_hi, values, switches, prefetch);
+        s2_avx512::walk_plane<kRelu>(plane, g, oh_lo, oh_hi, clipped_row, ow_lo, walk_ow_hi, clipped_column, values,
+                                     switches, prefetch);
       } else
 #endif
       {
-        s2::walk_rows<8, kRelu>(plane, g, oh_lo, oh_hi, ow_lo, ow_hi, values, switches, prefetch);
+        s2::walk_rows<8, kRelu>(plane, g, oh_lo, oh_hi, clipped_row, ow_lo, ow_hi, false, values, switches, prefetch);
       }
     }
   }
@@ -272,6 +286,7 @@ ZFK_VECTORIZED void pool_plane_vectorized(const T* plane, const PoolGeometry& g,
     if (walked && oh == oh_lo) oh = oh_hi;  // the walk did these rows, border_column their border columns
     if (oh >= g.out_h) break;
     const bool border_by_column = oh >= oh_lo && oh < oh_hi;
+    const bool row_walked = oh >= oh_hi && oh < walk_oh_hi;  // the clipped row: columns [ow_lo, walk_ow_hi) walked
     T* value_row = values + oh * g.out_w;
     S* switch_row = switches + oh * g.out_w;
     const int64_t h0 = oh * g.stride_h - g.pad_h;
@@ -279,7 +294,9 @@ ZFK_VECTORIZED void pool_plane_vectorized(const T* plane, const PoolGeometry& g,
     const T* first_row = plane + (h0 + kh_begin) * g.in_w - g.pad_w;
     for (int64_t ow = 0; ow < (border_by_column ? 0 : ow_lo); ++ow)
       max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);
-    if (grouped) {
+    if (row_walked) {
+      // the walk did columns [ow_lo, walk_ow_hi)
+    } else if (grouped) {
       // Groups of 4 vectors; the tail group takes just enough vectors to cover what is left (a row of 54
       // windows costs 4 + 3 vectors, not 4 + 4), shifted left to end at ow_hi. Fewer, longer calls: a call
       // has a fixed cost of about a vector's work.
@@ -315,11 +332,11 @@ ZFK_VECTORIZED void pool_plane_vectorized(const T* plane, const PoolGeometry& g,
                                                                       value_row + ow, switch_row + ow);
       }
     }
-    for (int64_t ow = border_by_column ? g.out_w : ow_hi; ow < g.out_w; ++ow)
+    for (int64_t ow = border_by_column ? g.out_w : (row_walked ? walk_ow_hi : ow_hi); ow < g.out_w; ++ow)
       max_pool_window(plane, g, oh, ow, kRelu, value_row + ow, switch_row + ow);
   }
   for (int64_t ow = 0; ow < g.out_w; ++ow) {
-    if (ow == ow_lo) ow = ow_hi;  // the clipped columns: [0, ow_lo) and [ow_hi, out_w)
+    if (ow == ow_lo) ow = walk_ow_hi;  // the clipped columns the walk left: [0, ow_lo) and [walk_ow_hi, out_w)
     if (ow >= g.out_w) break;
     for (int64_t oh = oh_lo; oh < oh_hi; oh += L) {
       const int n = int(std::min<int64_t>(L, oh_hi - oh));
