@@ -411,5 +411,5 @@ def test_border_columns_with_nan_and_infinities(gen, special, dtype):
         x = make_input(special, (2, 3, 40, width), dtype, gen)
         for relu in (False, True):
             check_pool(x, 3, 2, 1, True, relu)
-            check_pool(x, 3, 2, 0, True, relu)  # even sizes: the walk takes the clipped bottom row and right column
+            check_pool(x, 3, 2, 0, True, relu)  # even sizes: the walk takes the clipped last row and column
             check_pool(x, (3, 2), (2, 1), (1, 0), False, relu)
