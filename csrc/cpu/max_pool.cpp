@@ -182,7 +182,7 @@ __attribute__((always_inline)) inline void border_column(const T* plane, const P
 // horizontally once and shared by the two output rows whose windows contain it, walking down the plane
 // one group of W output columns at a time. Folding a window by rows gives max_pool_window's answer: a later
 // row's fold replaces the running best exactly when its own first maximum would have (v > best or NaN).
-// Memory to pull into L1 while a plane is pooled (the next plane), as 64-byte lines from `begin`.
+// Memory to pull into the cache while a plane is pooled (the plane after the next), as 64-byte lines from `begin`.
 // (Prefetching the next plane's outputs for writing as well measured no faster.)
 struct Prefetch {
   const char* begin = nullptr;
@@ -389,8 +389,9 @@ void launch(const void* input, void* values, void* switches, int64_t planes, con
       const T* plane = static_cast<const T*>(input) + p * in_plane;
       T* value_plane = static_cast<T*>(values) + p * out_plane;
       S* switch_plane = static_cast<S*>(switches) + p * out_plane;
-      const Prefetch next{reinterpret_cast<const char*>(plane + in_plane),
-                          p + 1 < end ? (in_plane * int64_t(sizeof(T)) + 63) / 64 : 0};
+      // Two planes ahead: the next one was prefetched while the previous plane was pooled.
+      const Prefetch next{reinterpret_cast<const char*>(plane + 2 * in_plane),
+                          p + 2 < end ? (in_plane * int64_t(sizeof(T)) + 63) / 64 : 0};
       if (widened) {
         widen(plane, plane_f.data(), in_plane);
         pool_plane(plane_f.data(), g, relu, values_f.data(), switch_plane, next);
