@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from types import ModuleType, SimpleNamespace
 
 import torch
+from torch.autograd import forward_ad
 
 from .. import _extension
 
@@ -162,21 +163,130 @@ def _auto_on_cuda() -> SimpleNamespace:
 # Each zfkernels::<op> custom op dispatches to a backend inside its implementation, so torch.compile sees
 # it as one opaque node. The triton backend also registers zfkernels_triton::<op>, a triton_op with the same
 # schema that torch.compile traces into; the public functions (and the backward formulas) call that twin
-# directly when the triton backend is the one that runs, and it carries the same autograd formula.
-_AUTOGRAD: dict[str, tuple[Callable, Callable]] = {}
+# directly when the triton backend is the one that runs, and it carries the same autograd formulas.
+# A forward-mode formula `jvp(inputs, output, tangents)` returns the output's tangent (a tuple when the op
+# has several outputs; None for a zero or non-differentiable one) from the inputs' tangents (None where an
+# input has none); it is linear in the tangents and calls ops through `op()`, like the backward formulas.
+_AUTOGRAD: dict[str, tuple[Callable, Callable, Callable]] = {}
 
 
-def register_autograd(custom_op, backward: Callable, setup_context: Callable) -> None:
-    """Register a zfkernels custom op's autograd formula, and remember it for the op's triton twin."""
-    custom_op.register_autograd(backward, setup_context=setup_context)
-    _AUTOGRAD[custom_op._qualname.split("::")[1]] = (backward, setup_context)
+def register_autograd(custom_op, backward: Callable, setup_context: Callable, jvp: Callable) -> None:
+    """Give a zfkernels custom op its reverse- and forward-mode formulas (remembered for its triton twin)."""
+    _install_autograd(custom_op, backward, setup_context, jvp)
+    _AUTOGRAD[custom_op._qualname.split("::")[1]] = (backward, setup_context, jvp)
 
 
 def register_twin_autograd(namespace: str) -> None:
-    """Give every op of `namespace` that has a zfkernels twin the twin's autograd formula."""
-    for name, (backward, setup_context) in _AUTOGRAD.items():
+    """Give every op of `namespace` that has a zfkernels twin the twin's autograd formulas."""
+    from torch._library.custom_ops import OPDEFS
+
+    for name, formulas in _AUTOGRAD.items():
         if hasattr(getattr(torch.ops, namespace), name):
-            torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup_context)
+            _install_autograd(OPDEFS[f"{namespace}::{name}"], *formulas)
+
+
+def _tangent(value):
+    return forward_ad.unpack_dual(value).tangent if isinstance(value, torch.Tensor) else None
+
+
+def has_tangent(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a dual tensor of forward-mode AD (then in-place fast paths must not drop it)."""
+    return forward_ad._current_level >= 0 and _tangent(tensor) is not None
+
+
+def _dual(output: torch.Tensor, tangent: torch.Tensor | None) -> torch.Tensor:
+    return output if tangent is None else forward_ad.make_dual(output, tangent)  # None: a zero tangent
+
+
+_SAVED = object()  # stands for a tensor input among the non-tensor ones kept for the forward-mode formula
+
+
+def _install_autograd(custom_op, backward: Callable, setup_context: Callable, jvp: Callable) -> None:
+    """Register the op's Autograd kernel: an autograd.Function with its backward and forward-mode formulas.
+
+    This replaces the kernel torch.library's register_autograd installs, which records a backward only when
+    an input requires grad: dual tensors (forward AD, torch.func.jvp) do not, so their tangents were dropped
+    and came out as zeros. The Function saves the inputs it is given, dual ones included, so a backward
+    run under forward AD (forward-over-reverse) sees their tangents too.
+    """
+    name, overload = custom_op._qualname, custom_op._opoverload
+
+    def below_autograd(keyset, args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return overload.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    class Formulas(torch.autograd.Function):
+        @staticmethod
+        def forward(keyset, *args):
+            return below_autograd(keyset, args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs[1:], output)
+            if forward_ad._current_level >= 0:  # what the forward-mode formula reads
+                outputs = output if isinstance(output, tuple) else (output,)
+                ctx.save_for_forward(*[a for a in inputs[1:] if isinstance(a, torch.Tensor)], *outputs)
+                ctx.jvp_arguments = [_SAVED if isinstance(a, torch.Tensor) else a for a in inputs[1:]]
+
+        @staticmethod
+        def backward(ctx, *grads):
+            needs_input_grad = ctx.needs_input_grad
+            ctx.needs_input_grad = needs_input_grad[1:]  # as the op's inputs, without the keyset
+            try:
+                grad_inputs = backward(ctx, *grads)
+            finally:
+                ctx.needs_input_grad = needs_input_grad
+            return (None, *(grad_inputs if isinstance(grad_inputs, tuple) else (grad_inputs,)))
+
+        @staticmethod
+        def jvp(ctx, _keyset_tangent, *tangents):
+            saved = iter(ctx.saved_tensors)
+            primals = [next(saved) if a is _SAVED else a for a in ctx.jvp_arguments]
+            outputs = tuple(saved)
+            return jvp(primals, outputs if len(outputs) > 1 else outputs[0], tangents)
+
+    def autograd_kernel(keyset, *args):
+        functorch = torch._C._are_functorch_transforms_active()
+        if functorch and forward_ad._current_level >= 0:
+            # torch.func.jvp/jacfwd: functorch would route the Function through a higher-order op that
+            # cannot run here, so the op runs on the primals and its output is made dual.
+            tangents = [_tangent(a) for a in args]
+            if any(t is not None for t in tangents):
+                primals = [
+                    a if t is None else forward_ad.unpack_dual(a).primal
+                    for a, t in zip(args, tangents, strict=True)
+                ]
+                output = autograd_kernel(keyset, *primals)
+                output_tangent = jvp(primals, output, tangents)
+                if not isinstance(output, tuple):
+                    return _dual(output, output_tangent)
+                return tuple(_dual(o, t) for o, t in zip(output, output_tangent, strict=True))
+        if functorch and _in_reverse_transform(args):
+            raise NotImplementedError(
+                f"{name}: torch.func's reverse-mode transforms (grad, vjp, jacrev, hessian) cannot run "
+                "torch.library custom ops with a backward formula in this torch version; use "
+                "torch.autograd.grad or .backward() for gradients (torch.func.jvp, jacfwd and vmap work)"
+            )
+        if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or (
+            forward_ad._current_level >= 0 and any(_tangent(a) is not None for a in args)
+        ):
+            return Formulas.apply(keyset, *args)
+        return below_autograd(keyset, args)
+
+    custom_op._lib.impl(custom_op._name, autograd_kernel, "Autograd", with_keyset=True)
+
+
+def _in_reverse_transform(args) -> bool:
+    """Whether the innermost functorch transform is torch.func.grad/vjp and it differentiates these args."""
+    from torch._C._functorch import TransformType, peek_interpreter_stack
+
+    top = peek_interpreter_stack()
+    return (
+        top is not None
+        and top.key() == TransformType.Grad
+        and torch.is_grad_enabled()
+        and torch._C._any_requires_grad(*args)
+    )
 
 
 @torch.compiler.assume_constant_result  # run, not traced: under torch.compile the choice is fixed at tracing

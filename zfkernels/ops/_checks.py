@@ -10,10 +10,11 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SWITCH_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)  # int64: torch's flat indices
 
 Pair = tuple[int, int]
+INT32_MAX = 2**31 - 1  # torch's pooling and convolution take their geometry as int32, so do the kernels
 
 
 def pair(value: int | Sequence[int], name: str, minimum: int) -> Pair:
-    """An int or a sequence of one or two ints, each at least `minimum`, as a pair."""
+    """An int or a sequence of one or two ints, each in [`minimum`, INT32_MAX], as a pair."""
     items = (
         [value]
         if isinstance(value, int)
@@ -31,6 +32,8 @@ def pair(value: int | Sequence[int], name: str, minimum: int) -> Pair:
         items = items * 2
     if any(v < minimum for v in items):
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if any(v > INT32_MAX for v in items):
+        raise ValueError(f"{name} must be at most 2**31 - 1 = {INT32_MAX}, got {value!r}")
     return items[0], items[1]
 
 
@@ -42,6 +45,11 @@ def pool_params(kernel_size, stride, padding, prefix: str = "") -> tuple[Pair, P
         if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)
         else pair(stride, f"{prefix}stride", 1)
     )
+    if kernel[0] * kernel[1] > INT32_MAX:  # switches are window-local offsets, int32 at the widest
+        raise ValueError(
+            f"{prefix}kernel_size {kernel_size!r} spans {kernel[0] * kernel[1]} elements; at most "
+            f"2**31 - 1 = {INT32_MAX} are supported"
+        )
     pad = pair(padding, f"{prefix}padding", 0)
     if pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
         raise ValueError(
@@ -88,6 +96,21 @@ def check_tensor(
         raise ValueError(f"{name} must be {wanted}, got shape {tuple(tensor.shape)}")
     if tensor.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {tensor.dtype}")
+
+
+def check_nonempty_planes(tensor: torch.Tensor, name: str) -> None:
+    """torch's pooling rule: only the batch dimension of an (N, C, H, W) or (C, H, W) tensor may be empty."""
+    if any(size == 0 for size in tensor.shape[-3:]):
+        raise ValueError(
+            f"{name} must have non-zero channels, height and width (only a batch dimension may be empty), "
+            f"got shape {tuple(tensor.shape)}"
+        )
+
+
+def check_nonempty_weight(weight: torch.Tensor) -> None:
+    """torch's convolution rule: a weight with a zero-size dimension is refused."""
+    if weight.numel() == 0:
+        raise ValueError(f"weight must not have a zero-size dimension, got shape {tuple(weight.shape)}")
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:

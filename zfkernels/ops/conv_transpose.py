@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from ._backend import implementation, op, register_autograd
-from ._checks import check_same_device, check_tensor, pair
+from ._checks import check_nonempty_weight, check_same_device, check_tensor, pair
 
 
 def conv_transpose_output_size(
@@ -65,7 +66,22 @@ def _backward(ctx, grad):
     return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
-register_autograd(_conv_transpose2d_op, _backward, _setup)
+def _jvp(inputs, output, tangents):
+    # Bilinear in (input, weight), plus the bias: one transposed conv per tangent that is present.
+    input, weight, bias, *params = inputs
+    tangent_input, tangent_weight, tangent_bias = tangents[:3]
+    conv = op("conv_transpose2d", output.device)
+    terms = []
+    if tangent_input is not None:
+        terms.append(conv(tangent_input, weight, None, *params))
+    if tangent_weight is not None:
+        terms.append(conv(input, tangent_weight, None, *params))
+    if tangent_bias is not None:
+        terms.append(tangent_bias.view(1, -1, 1, 1).expand_as(output))
+    return functools.reduce(torch.add, terms) if terms else None
+
+
+register_autograd(_conv_transpose2d_op, _backward, _setup, _jvp)
 
 
 def conv_transpose2d(
@@ -81,6 +97,9 @@ def conv_transpose2d(
     """``F.conv_transpose2d`` with the same signature and results (fp32 allclose)."""
     check_tensor(input, "input", (3, 4))
     check_tensor(weight, "weight", (4,))
+    check_nonempty_weight(weight)
+    if input.shape[-2] == 0 or input.shape[-1] == 0:
+        raise ValueError(f"input must have non-zero height and width, got shape {tuple(input.shape)}")
     if weight.dtype != input.dtype:
         raise TypeError(f"weight must have input's dtype {input.dtype}, got {weight.dtype}")
     if bias is not None:

@@ -8,7 +8,16 @@ import torch
 from torch import Tensor
 
 from ._backend import implementation, op, register_autograd
-from ._checks import check_pool_fits, check_tensor, pool_params, pooled_shape, switch_dtype
+from ._checks import (
+    check_no_invalid_switches,
+    check_nonempty_planes,
+    check_pool_fits,
+    check_tensor,
+    pair,
+    pool_params,
+    pooled_shape,
+    switch_dtype,
+)
 from .reference import switch_targets
 
 
@@ -86,10 +95,33 @@ def _backward_backward(ctx, grad_grad_input):
     return grad_grad, None, None, None, None, None, None, None
 
 
-register_autograd(_max_pool2d_switches_backward_op, _backward_backward, _backward_setup_context)
+def _backward_jvp(inputs, output, tangents):
+    # Linear in grad (values and switches only select where it goes).
+    grad, values, switches, kernel_size, stride, padding, input_size, relu = inputs
+    if tangents[0] is None:
+        return None
+    return op("max_pool2d_switches_backward", grad.device)(
+        tangents[0], values, switches, kernel_size, stride, padding, input_size, relu
+    )
 
 
-register_autograd(_max_pool2d_switches_op, _backward, _setup_context)
+register_autograd(
+    _max_pool2d_switches_backward_op, _backward_backward, _backward_setup_context, _backward_jvp
+)
+
+
+def _jvp(inputs, output, tangents):
+    # Each value is the input at its switch (rectified when fused): its tangent is the input's tangent
+    # there, gated by the fused ReLU as torch's relu gates it (threshold_backward on the values).
+    _, kernel_size, stride, padding, _, relu = inputs
+    values, switches = output
+    tangent = op("gather_switches", values.device)(tangents[0], switches, kernel_size, stride, padding)
+    if relu:
+        tangent = op("relu_backward", values.device)(tangent, values, 0)
+    return tangent, None
+
+
+register_autograd(_max_pool2d_switches_op, _backward, _setup_context, _jvp)
 
 
 def max_pool2d_switches(
@@ -109,6 +141,7 @@ def max_pool2d_switches(
     Input is (N, C, H, W) or (C, H, W); outputs are contiguous.
     """
     check_tensor(input, "input", (3, 4))
+    check_nonempty_planes(input, "input")
     if not isinstance(ceil_mode, bool):
         raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
     kernel, stride_pair, pad = pool_params(kernel_size, stride, padding)
@@ -133,13 +166,26 @@ def switches_to_indices(
     ``input_size`` is the pooled input's (H, W) (a longer size such as (N, C, H, W) is accepted).
     """
     check_tensor(switches, "switches", (3, 4), (torch.uint8, torch.int16, torch.int32))
+    check_nonempty_planes(switches, "switches")
     if not isinstance(input_size, (tuple, list, torch.Size)) or len(input_size) < 2:
         raise TypeError(f"input_size must be a sequence ending in (H, W), got {input_size!r}")
-    in_size = (int(input_size[-2]), int(input_size[-1]))
+    in_size = pair(tuple(input_size[-2:]), "input_size", 1)
     kernel, stride_pair, pad = pool_params(kernel_size, stride, padding)
-    flat, valid = switch_targets(switches, in_size, kernel, stride_pair, pad)
-    if not torch.compiler.is_compiling() and not bool(valid.all()):
-        raise ValueError(
-            f"switches has {int((~valid).sum())} entries outside their pooling window (or on padding)"
-        )
-    return flat
+    return _switches_to_indices_op(switches, list(in_size), list(kernel), list(stride_pair), list(pad))
+
+
+# An op, not inline torch code, so that the switches are validated when it runs in every mode: traced by
+# torch.compile, inline code could not look at the data.
+@torch.library.custom_op("zfkernels::switches_to_indices", mutates_args=())
+def _switches_to_indices_op(
+    switches: Tensor, input_size: list[int], kernel_size: list[int], stride: list[int], padding: list[int]
+) -> Tensor:
+    geometry = (tuple(input_size), tuple(kernel_size), tuple(stride), tuple(padding))
+    flat, valid = switch_targets(switches, *geometry)
+    check_no_invalid_switches(int((~valid).sum()))
+    return flat.contiguous()
+
+
+@_switches_to_indices_op.register_fake
+def _(switches, input_size, kernel_size, stride, padding):
+    return torch.empty(switches.shape, dtype=torch.int64, device=switches.device)

@@ -8,7 +8,15 @@ import torch
 from torch import Tensor
 
 from ._backend import implementation, op, register_autograd
-from ._checks import SWITCH_DTYPES, check_same_device, check_tensor, pair, pool_params, pooled_size
+from ._checks import (
+    SWITCH_DTYPES,
+    check_nonempty_planes,
+    check_same_device,
+    check_tensor,
+    pair,
+    pool_params,
+    pooled_size,
+)
 
 
 @torch.library.custom_op("zfkernels::max_unpool2d", mutates_args=())
@@ -52,7 +60,16 @@ def _unpool_backward(ctx, grad):
     )
 
 
-register_autograd(_max_unpool2d_op, _unpool_backward, _unpool_setup)
+def _unpool_jvp(inputs, output, tangents):
+    # Linear in values: the tangent is unpooled the same way, then gated by the fused ReLU's output.
+    values, switches, kernel_size, stride, padding, output_size, relu = inputs
+    tangent = op("max_unpool2d", values.device)(
+        tangents[0], switches, kernel_size, stride, padding, output_size, False
+    )
+    return op("relu_backward", values.device)(tangent, output, 0) if relu else tangent
+
+
+register_autograd(_max_unpool2d_op, _unpool_backward, _unpool_setup, _unpool_jvp)
 
 
 @torch.library.custom_op("zfkernels::gather_switches", mutates_args=())
@@ -84,7 +101,12 @@ def _gather_backward(ctx, grad):
     return grad_source, None, None, None, None
 
 
-register_autograd(_gather_switches_op, _gather_backward, _gather_setup)
+def _gather_jvp(inputs, output, tangents):
+    _, switches, kernel_size, stride, padding = inputs
+    return op("gather_switches", output.device)(tangents[0], switches, kernel_size, stride, padding)
+
+
+register_autograd(_gather_switches_op, _gather_backward, _gather_setup, _gather_jvp)
 
 
 def _check_switches(values: Tensor, switches: Tensor) -> None:
@@ -134,6 +156,7 @@ def max_unpool2d(
     their window raise ValueError. With ``ceil_mode`` pools pass ``output_size`` (the pooled input's size).
     """
     check_tensor(values, "values", (3, 4))
+    check_nonempty_planes(values, "values")
     _check_switches(values, switches)
     kernel, stride_pair, pad = pool_params(kernel_size, stride, padding)
     size = unpool_output_size((values.shape[-2], values.shape[-1]), kernel, stride_pair, pad, output_size)
@@ -154,7 +177,9 @@ def gather_switches(
 ) -> Tensor:
     """The adjoint of max_unpool2d: ``source`` read at each switch (the gradient of unpool's values)."""
     check_tensor(source, "source", (3, 4))
+    check_nonempty_planes(source, "source")
     check_tensor(switches, "switches", (source.dim(),), SWITCH_DTYPES)
+    check_nonempty_planes(switches, "switches")
     check_same_device(source=source, switches=switches)
     if switches.shape[:-2] != source.shape[:-2]:
         raise ValueError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backend import implementation, op, register_autograd
+from ._backend import has_tangent, implementation, op, register_autograd
 from ._checks import check_same_device, check_tensor
 from .reference import RULES
 
@@ -30,7 +30,12 @@ def _relu_backward(ctx, grad):
     return op("relu_backward", grad.device)(grad, output, ctx.rule), None
 
 
-register_autograd(_relu_op, _relu_backward, _relu_setup)
+def _relu_jvp(inputs, output, tangents):
+    # Forward mode is the true derivative whatever the rule (the rules only redefine the backward signal).
+    return op("relu_backward", output.device)(tangents[0], output, 0)
+
+
+register_autograd(_relu_op, _relu_backward, _relu_setup, _relu_jvp)
 
 
 @torch.library.custom_op("zfkernels::relu_", mutates_args=("input",))
@@ -60,7 +65,17 @@ def _relu_backward_backward(ctx, grad_grad):
     return op("relu_backward", grad_grad.device)(grad_grad, mask_source, 0), None, None
 
 
-register_autograd(_relu_backward_op, _relu_backward_backward, _relu_backward_setup)
+def _relu_backward_jvp(inputs, output, tangents):
+    # Each rule passes grad or zero, so the tangent passes where grad passed (the gate the double backward
+    # uses too); the forward output has a zero derivative almost everywhere.
+    grad, forward_output, rule = inputs
+    if tangents[0] is None:
+        return None
+    gate = forward_output if RULES[rule] == "standard" else output
+    return op("relu_backward", grad.device)(tangents[0], gate, 0)
+
+
+register_autograd(_relu_backward_op, _relu_backward_backward, _relu_backward_setup, _relu_backward_jvp)
 
 
 def _rule_code(backward: str) -> int:
@@ -79,10 +94,9 @@ def relu(input: Tensor, inplace: bool = False, *, backward: str = "standard") ->
     rule = _rule_code(backward)
     if not inplace:
         return op("relu", input.device)(input, rule)
-    if torch.is_grad_enabled() and input.requires_grad:
-        return input.copy_(
-            op("relu", input.device)(input, rule)
-        )  # autograd records the copy like any in-place op
+    if (torch.is_grad_enabled() and input.requires_grad) or has_tangent(input):
+        # autograd (and forward AD) records the copy like any in-place op
+        return input.copy_(op("relu", input.device)(input, rule))
     op("relu_", input.device)(input)
     return input
 

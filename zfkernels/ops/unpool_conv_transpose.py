@@ -8,7 +8,14 @@ import torch
 from torch import Tensor
 
 from ._backend import implementation, op, register_autograd
-from ._checks import check_same_device, check_tensor, pair, pool_params
+from ._checks import (
+    check_nonempty_planes,
+    check_nonempty_weight,
+    check_same_device,
+    check_tensor,
+    pair,
+    pool_params,
+)
 from .conv_transpose import conv_transpose_output_size
 from .max_unpool import _check_switches, unpool_output_size
 
@@ -113,7 +120,26 @@ def _backward(ctx, grad):
     return grad_values, None, grad_weight, None, None, None, None, None, None, None, None
 
 
-register_autograd(_unpool_conv_transpose2d_op, _backward, _setup)
+def _jvp(inputs, output, tangents):
+    # Linear in weight for a fixed unpooled map, and in values through unpool + ReLU gate + transposed conv.
+    values, switches, weight, pool_kernel, pool_stride, pool_padding, unpool_size, *conv, relu = inputs
+    tangent_values, _, tangent_weight = tangents[:3]
+    unpool, conv_transpose = op("max_unpool2d", output.device), op("conv_transpose2d", output.device)
+    pool = (pool_kernel, pool_stride, pool_padding, unpool_size)
+    unpooled = unpool(values, switches, *pool, relu)
+    tangent = None
+    if tangent_values is not None:
+        tangent_unpooled = unpool(tangent_values, switches, *pool, False)
+        if relu:
+            tangent_unpooled = op("relu_backward", output.device)(tangent_unpooled, unpooled, 0)
+        tangent = conv_transpose(tangent_unpooled, weight, None, *conv, 1, [1, 1])
+    if tangent_weight is not None:
+        term = conv_transpose(unpooled, tangent_weight, None, *conv, 1, [1, 1])
+        tangent = term if tangent is None else tangent + term
+    return tangent
+
+
+register_autograd(_unpool_conv_transpose2d_op, _backward, _setup, _jvp)
 
 
 def unpool_conv_transpose2d(
@@ -137,8 +163,10 @@ def unpool_conv_transpose2d(
     materialized: the CPU kernel only touches positions a switch points to.
     """
     check_tensor(values, "values", (3, 4))
+    check_nonempty_planes(values, "values")
     _check_switches(values, switches)
     check_tensor(weight, "weight", (4,))
+    check_nonempty_weight(weight)
     if weight.dtype != values.dtype:
         raise TypeError(f"weight must have values' dtype {values.dtype}, got {weight.dtype}")
     check_same_device(values=values, switches=switches, weight=weight)
