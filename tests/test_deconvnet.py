@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from captum.attr import NeuronDeconvolution
+from captum.testing.helpers.basic_models import BasicModel_ConvNet_One_Conv
 from conftest import assert_close_verbose
 from test_receptive_field import zfnet_sequential
 from torch import nn
@@ -521,6 +522,50 @@ def test_untraceable_model_falls_back_and_is_checked():
         with pytest.raises(ValueError, match="does not reproduce the model's forward"):
             DeconvNet(model).project(images, "b")
         DeconvNet(model, check=False).project(images, "b")  # unchecked: the user's responsibility
+
+
+def test_optional_forward_argument_is_traced_at_its_default():
+    # captum's own test model: forward(self, x1, x2=None) adds x2 only when given. fx, unbound, traces the
+    # add as if x2 were given and refused every layer; the call projected is model(images), x2=None.
+    model = BasicModel_ConvNet_One_Conv().eval()
+    deconvnet = DeconvNet(model)
+    assert deconvnet.layers() == ["conv1", "relu1"]
+    images = 30 * torch.rand((3, 1, 4, 4), generator=torch.Generator().manual_seed(23))
+    for layer in ("conv1", "relu1"):
+        result = deconvnet.project(images, layer, top=2)
+        assert_values_are_the_activations(result, model, layer, images)
+        assert_matches_captum(result, captum_ready(model), layer, images)
+
+
+NO_BIAS = torch.zeros(1)
+
+
+class OptionalExtras(nn.Module):
+    """Optional arguments of every kind: a flag, a keyword-only scale, a tensor default, **kwargs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.extra = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, shift=None, use_extra=False, bias=NO_BIAS, *, scale=1.0, **ignored):
+        if shift is not None:
+            x = x + shift
+        y = self.extra(x) if use_extra else self.conv(x)
+        if scale != 1.0:
+            y = y * scale
+        return F.relu(y) + bias
+
+
+def test_flags_and_keyword_only_defaults_are_traced_at_their_defaults():
+    torch.manual_seed(24)
+    model = OptionalExtras().eval()
+    assert DeconvNet(model).layers() == ["conv"]  # use_extra=False: the call never reaches `extra`
+    with pytest.raises(ValueError, match="'extra' is never called"):
+        DeconvNet(model).chain("extra")
+    images = images_for((2, 3, 9, 9), seed=25)
+    result = DeconvNet(model).project(images, "conv", top=2)
+    assert_matches_captum(result, captum_ready(model), "conv", images)
 
 
 class DoubledConv(nn.Conv2d):

@@ -7,14 +7,17 @@ the way up but skipped on the way down, as in Zeiler & Fergus (2013). Anything e
 average pool, a residual add, a concatenation, a grouped or dilated conv) makes the layer unprojectable.
 
 The path is read with ``torch.fx`` symbolic tracing, so it follows the model's ``forward`` (functional
-``F.relu`` calls included) rather than the order modules were registered in. Models that fx cannot trace
-fall back to registration order; :func:`check_against_model` then catches a path that disagrees with the
-model's own forward.
+``F.relu`` calls included) rather than the order modules were registered in. Optional arguments of the
+forward are bound to their defaults while tracing: the call analysed is ``model(images)``, the one the
+projection and its check run. Models that fx cannot trace fall back to registration order;
+:func:`check_against_model` then catches a path that disagrees with the model's own forward.
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -341,6 +344,25 @@ class _Tracer(fx.Tracer):
         return isinstance(m, _KNOWN_MODULES) or super().is_leaf_module(m, module_qualified_name)
 
 
+def _bound_defaults(model: nn.Module) -> dict[str, object]:
+    """The forward's optional arguments after the images, at their defaults: what ``model(images)`` passes.
+
+    Unbound, fx traces an argument defaulting to None as if it were given (``if x2 is not None`` is
+    always true of a proxy), which analyses a call the projection never makes."""
+    try:  # fx traces the class's forward, unwrapped
+        parameters = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    optional = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in parameters[2:] if p.kind in optional and p.default is not p.empty}
+
+
+def _trace(model: nn.Module) -> fx.Graph:
+    with warnings.catch_warnings():  # a tensor default cannot get fx's guard; the check_against_model does
+        warnings.filterwarnings("ignore", message="Was not able to add assertion", category=UserWarning)
+        return _Tracer().trace(model, concrete_args=_bound_defaults(model) or None)
+
+
 def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_module":
         return f"{node.target!r} ({type(modules[node.target]).__name__})"
@@ -428,7 +450,7 @@ class LayerChains:
         self.modules = dict(model.named_modules())
         self._cache: dict[str, Chain | ValueError] = {}
         try:
-            self.graph: fx.Graph | None = _Tracer().trace(model)
+            self.graph: fx.Graph | None = _trace(model)
             self.trace_error: Exception | None = None
         except Exception as error:  # noqa: BLE001  (any tracing failure means: fall back to module order)
             self.graph, self.trace_error = None, error
