@@ -9,6 +9,7 @@ wrapped so their backward is the identity while their forward is unchanged.
 from __future__ import annotations
 
 import copy
+import re
 from collections import OrderedDict
 
 import numpy as np
@@ -23,6 +24,7 @@ from test_receptive_field import zfnet_sequential
 from torch import nn
 
 import zfkernels.nn as znn
+from zfkernels.deconvnet.chain import SUPPORTED_LAYERS
 from zfkernels.deconvnet.projection import DeconvNet, Projection
 
 pytestmark = [
@@ -660,6 +662,61 @@ def test_unsupported_op_on_the_path(model, layer, named):
         deconvnet.project(images_for((1, 3, 16, 16)), layer)
     assert named in str(error.value) and "Supported: nn.Conv2d" in str(error.value)
     assert layer not in deconvnet.layers()
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3)
+        self.twice = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, y):
+        return self.twice(self.twice(self.conv(y))) + x.mean()
+
+
+class UntraceableWithTanh(Untraceable):
+    """Registration order (fx cannot trace it) with a layer the deconvnet cannot invert."""
+
+    def __init__(self):
+        super().__init__()
+        self.relu = nn.Tanh()
+
+
+def refusal(call) -> str:
+    with pytest.raises(ValueError) as error:
+        call()
+    return str(error.value)
+
+
+def test_refusal_is_sentences_ending_with_the_projectable_layers():
+    supported = "Supported: " + SUPPORTED_LAYERS + "."
+    tanh = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 3)).eval()
+    # The whole text once, exactly: reason, what is supported, what could be projected instead.
+    assert refusal(lambda: DeconvNet(tanh).chain("2")) == (
+        "layer '2' cannot be projected: its path from the input goes through '1' (Tanh), which the "
+        f"deconvnet cannot invert. {supported} Layers that can be projected: '0'."
+    )
+    messages = {
+        "not a module": refusal(lambda: DeconvNet(tanh).chain("conv9")),
+        "not a conv/ReLU/pool": refusal(lambda: DeconvNet(tanh).chain("1")),
+        "called twice": refusal(lambda: DeconvNet(TwoInputs()).chain("twice")),
+        "another forward argument": refusal(lambda: DeconvNet(TwoInputs()).chain("conv")),
+        "registration order": refusal(lambda: DeconvNet(UntraceableWithTanh()).chain("b")),
+        "nothing projectable": refusal(
+            lambda: DeconvNet(nn.Sequential(nn.Tanh(), nn.Conv2d(3, 3, 1))).chain("1")
+        ),
+    }
+    for kind, message in messages.items():
+        # One line; every sentence closed before the next begins; the list of layers is the last one.
+        assert "\n" not in message and ".." not in message, kind
+        before, listing = message.rsplit(" Layers that can be projected: ", 1)
+        assert before.endswith("."), (kind, message)
+        assert listing.endswith(".") and re.fullmatch(r"('[\w.]+'(, '[\w.]+')*|none)\.", listing), (
+            kind,
+            message,
+        )
+    assert messages["nothing projectable"].endswith("Layers that can be projected: none.")
+    assert "module registration order because torch.fx could not trace" in messages["registration order"]
 
 
 def test_bad_constructor_arguments():

@@ -274,11 +274,17 @@ class Chain:
 
 
 # --------------------------------------------------------------------------------------- classification
+def _sentence(text: str) -> str:
+    """``text`` ending in exactly one full stop, so messages can be joined sentence after sentence."""
+    text = text.strip()
+    return text if text.endswith((".", ".)")) else text + "."
+
+
 def _unsupported(layer: str, what: str, why: str = "") -> ValueError:
     reason = f" ({why})" if why else ""
     return ValueError(
         f"layer {layer!r} cannot be projected: its path from the input goes through {what}{reason}, "
-        f"which the deconvnet cannot invert. Supported: {SUPPORTED_LAYERS}"
+        f"which the deconvnet cannot invert. Supported: {SUPPORTED_LAYERS}."
     )
 
 
@@ -478,14 +484,15 @@ class LayerChains:
         if not isinstance(layer, str):
             raise TypeError(f"layer must be a module name (str) such as 'conv5', got {type(layer).__name__}")
         if layer not in self.modules or layer == "":
-            raise ValueError(
-                f"layer {layer!r} is not a module of the model; layers that can be projected: "
-                f"{self.projectable()}"
-            )
+            raise ValueError(f"layer {layer!r} is not a module of the model. {self._projectable_sentence()}")
         result = self._resolve(layer)
         if isinstance(result, ValueError):
-            raise ValueError(f"{result} Layers that can be projected: {self.projectable()}")
+            raise ValueError(f"{_sentence(str(result))} {self._projectable_sentence()}")
         return result
+
+    def _projectable_sentence(self) -> str:
+        names = self.projectable()
+        return f"Layers that can be projected: {', '.join(map(repr, names)) if names else 'none'}."
 
     def _resolve(self, layer: str) -> Chain | ValueError:
         if layer not in self._cache:
@@ -509,7 +516,10 @@ class LayerChains:
         if not nodes:
             raise ValueError(f"layer {layer!r} is never called by the model's forward.")
         if len(nodes) > 1:
-            raise ValueError(f"layer {layer!r} is called {len(nodes)} times in the forward: ambiguous.")
+            raise ValueError(
+                f"layer {layer!r} is called {len(nodes)} times in the forward, so which call to project "
+                "is ambiguous."
+            )
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         chain_ops: list[ChainOp] = []
         node = nodes[0]
@@ -530,8 +540,9 @@ class LayerChains:
                 chain_ops.append(_module_op(name, module, layer))
             except ValueError as error:
                 raise ValueError(
-                    f"{error}. (torch.fx could not trace the model ({type(self.trace_error).__name__}: "
-                    f"{self.trace_error}), so the path was read in module registration order.)"
+                    f"{_sentence(str(error))} The path was read in module registration order because "
+                    f"torch.fx could not trace the model ({type(self.trace_error).__name__}: "
+                    f"{str(self.trace_error).strip().rstrip('.')})."
                 ) from None
             if name == layer:
                 break
@@ -562,14 +573,15 @@ def check_against_model(model: nn.Module, chain: Chain, images: Tensor, activati
     except _StopForward:
         pass
     except Exception as error:
+        raised = _sentence(f"{type(error).__name__}: {error}")
         raise ValueError(
-            f"checking the deconvnet's chain against the model failed: model(images) raised "
-            f"{type(error).__name__}: {error}. Pass check=False to DeconvNet to skip this check."
+            f"checking the deconvnet's chain against the model failed: model(images) raised {raised} "
+            "Pass check=False to DeconvNet to skip this check."
         ) from error
     finally:
         handle.remove()
     if not captured:
-        raise ValueError(f"the model's forward never ran layer {chain.layer!r} on these images")
+        raise ValueError(f"the model's forward never ran layer {chain.layer!r} on these images.")
     expected = captured[0]
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     if expected.shape != activation.shape or not torch.allclose(
@@ -579,5 +591,5 @@ def check_against_model(model: nn.Module, chain: Chain, images: Tensor, activati
         raise ValueError(
             f"the deconvnet's chain does not reproduce the model's forward at layer {chain.layer!r} "
             f"(path read {'by fx tracing' if chain.traced else 'in module registration order'}: {path}); "
-            "the model's forward does something on this path that the deconvnet does not support"
+            "the model's forward does something on this path that the deconvnet does not support."
         )
