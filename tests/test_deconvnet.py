@@ -634,6 +634,38 @@ def test_bad_images(alexnet_deconvnet):
     alexnet_deconvnet.project(images_for((1, 3, 31, 31)), "features.10")  # the smallest it takes
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_images_are_refused_before_any_work(bad, monkeypatch):
+    torch.manual_seed(26)
+    model = odd_chain()
+    images = images_for((3, 3, 41, 30), seed=27)
+    images[1, 2, 5, 7] = images[2, 0, 0, 0] = bad
+    deconvnet = DeconvNet(model)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    monkeypatch.setattr(deconvnet, "_project", lambda *args: calls.append(2))
+    message = (
+        "images contains 2 NaN/inf values \\(in 2 images: 1, 2\\); a projection of a non-finite image is"
+    )
+    with pytest.raises(ValueError, match=message):
+        deconvnet.project(images, "conv2")
+    assert calls == []
+
+
+def test_non_finite_activation_from_a_parameter_is_refused_and_other_filters_still_project():
+    model = odd_chain()
+    images = images_for((2, 3, 41, 30), seed=28)
+    with torch.no_grad():
+        model.conv2.bias[1] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"layer 'conv2' gives \d+ NaN/inf activations .* conv weight or bias"
+    ):
+        DeconvNet(model).project(images, "conv2", filters=[0, 1])
+    result = DeconvNet(model).project(images, "conv2", filters=[0, 2])
+    assert result.pixels.isfinite().all()
+    assert_matches_captum(result, captum_ready(model), "conv2", images)
+
+
 class Residual(nn.Module):
     def __init__(self):
         super().__init__()

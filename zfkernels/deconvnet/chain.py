@@ -583,9 +583,10 @@ def check_against_model(model: nn.Module, chain: Chain, images: Tensor, activati
     if not captured:
         raise ValueError(f"the model's forward never ran layer {chain.layer!r} on these images.")
     expected = captured[0]
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    # The scale of the finite values: one NaN or inf must not turn the tolerance itself into NaN or inf.
+    scale = float(expected.abs().nan_to_num(0.0, 0.0, 0.0).max()) if expected.numel() else 0.0
     if expected.shape != activation.shape or not torch.allclose(
-        activation, expected, rtol=1e-4, atol=1e-5 * max(scale, 1e-30)
+        activation, expected, rtol=1e-4, atol=1e-5 * max(scale, 1e-30), equal_nan=True
     ):
         path = " -> ".join(op.name for op in chain.ops)
         raise ValueError(

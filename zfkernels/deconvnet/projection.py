@@ -308,6 +308,7 @@ class DeconvNet:
             )
         with _eval_mode(self.model), torch.no_grad():
             record = chain.forward(images)
+            _check_finite_activations(record.activation, selected, layer)
             key = (layer, tuple(images.shape[1:]), images.dtype, images.device)
             if self.check and images.shape[0] > 0 and key not in self._checked:
                 check_against_model(self.model, chain, images[:1], record.activation[:1])
@@ -344,6 +345,15 @@ class DeconvNet:
                         f"layer {chain.layer!r} cannot be projected: {after.name!r} takes "
                         f"{after.in_channels} channels but {before.name!r} gives {before.out_channels}"
                     )
+        non_finite = ~torch.isfinite(images)
+        if bool(non_finite.any()):
+            count = int(non_finite.sum())
+            which = non_finite.flatten(1).any(1).nonzero().flatten().tolist()
+            shown = ", ".join(map(str, which[:8])) + (", ..." if len(which) > 8 else "")
+            raise ValueError(
+                f"images contains {_counted(count, 'NaN/inf value')} (in {_counted(len(which), 'image')}: "
+                f"{shown}); a projection of a non-finite image is undefined"
+            )
         return chain.sizes((images.shape[-2], images.shape[-1]))
 
     def _project(
@@ -408,6 +418,23 @@ class DeconvNet:
             for step in plan.steps[plan.shared_steps :]:
                 window, origin = _run_step(step, window, origin, images, padded)
             _paste(out, index.tolist(), window, origin)
+
+
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _check_finite_activations(activation: Tensor, filters: list[int], layer: str) -> None:
+    """ValueError when an activation to project is NaN/inf although the images are finite (checked before)."""
+    non_finite = ~torch.isfinite(activation[:, filters])
+    if bool(non_finite.any()):
+        count = int(non_finite.sum())
+        raise ValueError(
+            f"layer {layer!r} gives {_counted(count, 'NaN/inf activation')} in the filters asked for, from "
+            "finite images: a parameter on the path (a conv weight or bias, batch-norm statistics) "
+            "is NaN/inf, or the forward overflows its dtype; a projection of a non-finite activation is "
+            "undefined"
+        )
 
 
 def _seed(
