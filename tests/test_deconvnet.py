@@ -47,14 +47,15 @@ class SkipBackward(nn.Module):
         return x + (self.layer(x) - x).detach()
 
 
-def captum_ready(model: nn.Module) -> nn.Module:
-    """A copy for captum: out-of-place ReLUs (captum hooks them), skipped layers with an identity backward."""
+def captum_ready(model: nn.Module, *, skip_normalization: bool = True) -> nn.Module:
+    """A copy for captum: out-of-place ReLUs (captum hooks them), skipped layers with an identity backward
+    (``skip_normalization=False``: normalization layers keep their true backward, captum's own setting)."""
     model = copy.deepcopy(model).eval()
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.ReLU):
                 child.inplace = False
-            elif isinstance(child, (nn.LocalResponseNorm, nn.BatchNorm2d)):
+            elif skip_normalization and isinstance(child, (nn.LocalResponseNorm, nn.BatchNorm2d)):
                 setattr(module, name, SkipBackward(child))
     return model
 
@@ -289,6 +290,68 @@ def test_skipped_layers_batchnorm_lrn_dropout():
     model.eval()
     assert_values_are_the_activations(result, model, "relu2", images)
     assert_matches_captum(result, captum_ready(model), "relu2", images)
+
+
+def normalized_chain(normalization: str) -> nn.Sequential:
+    """conv -> norm -> relu -> pool -> conv -> norm -> relu -> conv, the norm layers far from the identity."""
+
+    def norm(channels: int) -> nn.Module:
+        if normalization == "batchnorm":
+            layer = nn.BatchNorm2d(channels)
+            with torch.no_grad():  # trained-looking statistics: per-channel scales from 0.3 to 3
+                layer.running_mean.uniform_(-1, 1)
+                layer.running_var.uniform_(0.1, 4)
+                layer.weight.uniform_(0.5, 1.5)
+                layer.bias.uniform_(-0.5, 0.5)
+            return layer
+        return nn.LocalResponseNorm(3, alpha=0.5, k=1.0) if normalization == "lrn" else nn.Identity()
+
+    torch.manual_seed(29)
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(3, 8, 5, stride=2, padding=2),
+            norm1=norm(8),
+            relu1=nn.ReLU(),
+            pool1=nn.MaxPool2d(3, 2, ceil_mode=True),
+            conv2=nn.Conv2d(8, 8, 3, padding=1),
+            norm2=norm(8),
+            relu2=nn.ReLU(),
+            conv3=nn.Conv2d(8, 6, 3, padding=1),
+        )
+    ).eval()
+
+
+def max_relative_difference(result: Projection, reference_model: nn.Module, layer: str, images) -> float:
+    """The largest difference of a projection from captum's NeuronDeconvolution x value, over its scale."""
+    module = dict(reference_model.named_modules())[layer]
+    worst = 0.0
+    for b in range(images.shape[0]):
+        for fi, filt in enumerate(result.filters):
+            row, col = result.positions[b, fi, 0].tolist()
+            gradient = NeuronDeconvolution(reference_model, module).attribute(
+                images[b : b + 1].clone(), neuron_selector=(filt, row, col)
+            )
+            expected = gradient[0] * result.values[b, fi, 0].clamp(min=0)
+            difference = (result.pixels[b, fi, 0] - expected).abs().max() / expected.abs().max()
+            worst = max(worst, float(difference))
+    return worst
+
+
+@pytest.mark.parametrize("normalization", ["batchnorm", "lrn"])
+def test_normalization_on_the_path_is_skipped_so_captum_differs(normalization):
+    # The documented condition: the projection is NeuronDeconvolution x value when no batch-norm or LRN
+    # lies on the path; with one, it is that of the same model with the layer's backward the identity.
+    images = images_for((2, 3, 29, 27), seed=30)
+    model = normalized_chain(normalization)
+    result = DeconvNet(model).project(images, "conv3", filters=[0, 3, 5])
+    assert_matches_captum(result, captum_ready(model), "conv3", images)
+    assert (
+        max_relative_difference(result, captum_ready(model, skip_normalization=False), "conv3", images) > 0.1
+    )
+    plain = normalized_chain("none")
+    plain.load_state_dict(model.state_dict(), strict=False)  # the same convs, nothing between them
+    result = DeconvNet(plain).project(images, "conv3", filters=[0, 3, 5])
+    assert_matches_captum(result, captum_ready(plain, skip_normalization=False), "conv3", images)
 
 
 def odd_chain() -> nn.Sequential:

@@ -3,7 +3,8 @@
 A deconvnet can project an activation back to the pixels only through layers it can invert: convolutions
 (transposed conv with the same weights), ReLUs (ReLU of the backward signal) and max-pools (unpool with
 the switches recorded on the way up). Normalization, batch-norm, dropout and identity layers are run on
-the way up but skipped on the way down, as in Zeiler & Fergus (2013). Anything else on the path (an
+the way up but skipped on the way down, as in Zeiler & Fergus (2013): their backward is taken as the
+identity, which for batch-norm and LRN is not their gradient. Anything else on the path (an
 average pool, a residual add, a concatenation, a grouped or dilated conv) makes the layer unprojectable.
 
 The path is read with ``torch.fx`` symbolic tracing, so it follows the model's ``forward`` (functional

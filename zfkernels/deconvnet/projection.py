@@ -5,7 +5,9 @@ is kept alone, at its value, and sent down the paper's chain: unpool with the sw
 up (summing where overlapping windows share an argmax), ReLU, transposed conv with the same weights and no
 bias; normalization, batch-norm, dropout and identity layers are skipped. The result equals the
 activation's value times its gradient w.r.t. the input with every ReLU's backward replaced by ReLU of the
-gradient (captum's ``NeuronDeconvolution`` times the value).
+gradient (captum's ``NeuronDeconvolution`` times the value) when no batch-norm or local response
+normalization lies on the path; with one, that gradient with the layer's backward taken as the identity
+(see :meth:`DeconvNet.project`).
 
 Why it is fast: a single activation's signal is nonzero only inside its receptive field, so every step runs
 on a fixed-size window around it instead of the whole map, for all ``B * F * top`` projections at once:
@@ -246,7 +248,8 @@ class DeconvNet:
     ReLUs (``nn.ReLU``, ``zfkernels.nn.ReLU``, ``F.relu``, ``torch.relu``...), max-pools (``nn.MaxPool2d``,
     ``F.max_pool2d``, ``zfkernels.nn.MaxPool2dSwitches``) and layers the projection skips:
     ``nn.LocalResponseNorm`` (the paper skips normalization), ``nn.BatchNorm2d`` (affine at test time, and
-    skipped like normalization), ``nn.Dropout*`` and ``nn.Identity``. The path is read by ``torch.fx``
+    skipped like normalization: so the projection is not captum's ``NeuronDeconvolution`` there, see
+    :meth:`project`), ``nn.Dropout*`` and ``nn.Identity``. The path is read by ``torch.fx``
     tracing of the model, so the forward's own order counts, not the registration order. Zeiler & Fergus's
     ZFNet, torchvision's AlexNet and VGG work as shipped (layer names such as ``"features.10"``).
 
@@ -294,6 +297,22 @@ class DeconvNet:
         (or 1-D integer tensor or array) of them, or None for all channels of ``layer``'s output. ``top``:
         how many activations per image and filter, at distinct positions, strongest first (ties: first in
         row-major order). Returns a :class:`Projection` whose ``pixels`` are (B, F, top, C, H, W).
+
+        What a projection equals: the activation's value times its deconvnet gradient w.r.t. the image
+        (every ReLU's backward replaced by ReLU of the gradient, every max-pool's by the unpool that sums at
+        shared argmaxes), i.e. captum's ``NeuronDeconvolution`` times the value, exactly when the path from
+        the input to ``layer`` has no batch-norm (``nn.BatchNorm2d``) and no local response normalization
+        (``nn.LocalResponseNorm``, ``nn.CrossMapLRN2d``, ``F.local_response_norm``). Those layers run on the
+        way up but are skipped on the way down, as the paper skips normalization: the projection passes the
+        signal through them unchanged, where the gradient would be scaled per channel by
+        ``weight / sqrt(running_var + eps)`` (batch-norm in eval mode) or multiplied by LRN's Jacobian. With
+        one on the path, the projection equals the value times the deconvnet gradient of the same model in
+        which each such layer's backward is the identity (its forward unchanged), and differs from
+        ``NeuronDeconvolution`` (by tens of percent at trained batch-norm statistics). Dropout (the model is
+        projected in eval mode) and ``nn.Identity`` are the identity both ways and change nothing.
+
+        Images with a NaN or inf raise ValueError before anything runs (a projection of a non-finite image
+        is undefined), as do NaN/inf activations of the filters asked for.
         """
         chain = self.chain(layer)
         sizes = self._check_images(images, chain)
