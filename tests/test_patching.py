@@ -330,6 +330,84 @@ def test_conv_transpose_model_matches_and_keeps_parameters():
     assert model[0](x, output_size=[10, 11]).shape[-2:] == (10, 11)  # forward's output_size still works
 
 
+# ------------------------------------------------------------------------ patched models behave as stock
+class FunctionalReLU(nn.Module):
+    """A forward whose only op is one spelling of a functional ReLU (rerouted inside a patched forward)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_relu(self.kind, self, x)
+
+
+PATCHED_KINDS = {
+    "MaxPool2d": lambda: nn.MaxPool2d(3, 2),
+    "MaxPool2d_indices": lambda: nn.MaxPool2d(3, 2, ceil_mode=True, return_indices=True),
+    "ReLU": nn.ReLU,
+    "ReLU_inplace": lambda: nn.ReLU(inplace=True),
+    # 5 output channels: torch's own convolution (numerics: test_conv_transpose_numerics_are_as_documented)
+    "ConvTranspose2d": lambda: nn.ConvTranspose2d(3, 5, 3, stride=2),
+    **{kind: lambda kind=kind: FunctionalReLU(kind) for kind in FUNCTIONAL_KINDS},
+}
+ALL_DTYPES = [
+    torch.int64,
+    torch.int32,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+]
+
+
+def example_of(dtype: torch.dtype, shape=(2, 3, 7, 7)) -> torch.Tensor:
+    x = 10 * torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    if dtype == torch.bool:
+        return x > 0
+    if dtype.is_complex:
+        return torch.complex(x, x.flip(-1)).to(dtype)
+    return x.to(dtype) if dtype.is_floating_point else x.abs().round().to(dtype)
+
+
+def outcome(module: nn.Module, x: torch.Tensor) -> tuple:
+    """("returned", the output tensors) or ("raised", the exception's type and message)."""
+    try:
+        output = module(x.clone())
+    except Exception as error:  # noqa: BLE001  (whatever stock raises, the patched model must raise too)
+        return "raised", type(error), str(error)
+    return "returned", *(output if isinstance(output, tuple) else (output,))
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules:UserWarning")
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", list(PATCHED_KINDS))
+def test_patched_module_returns_what_stock_returns_for_every_dtype(kind, dtype):
+    # Our ops take float dtypes only; anything else runs torch's own op: its result, or its very error.
+    stock = PATCHED_KINDS[kind]()
+    if kind == "ConvTranspose2d" and (dtype.is_floating_point or dtype.is_complex):
+        stock = stock.to(dtype)  # parameters in the input's dtype (integer ones cannot be made)
+    patched = patch(copy.deepcopy(stock))
+    shapes = [(2, 3, 7, 7), (3, 7, 7)]
+    if "relu" in kind.lower():
+        shapes += [(7, 7), (), (1,) * 9]  # torch.relu takes any rank, ours up to 8
+    for shape in shapes:
+        x = example_of(dtype, shape)
+        expected, got = outcome(stock, x), outcome(patched, x)
+        label = f"{kind} {dtype} {shape}"
+        assert got[0] == expected[0], f"{label}: stock {expected}, patched {got}"
+        if expected[0] == "raised":
+            assert got == expected, label
+            continue
+        assert len(got) == len(expected), label
+        for a, b in zip(got[1:], expected[1:], strict=True):
+            assert_bitwise_equal(a, b, label)
+
+
 @pytest.mark.parametrize(
     "kernel, stride, padding, ceil_mode, size",
     [(3, 2, 0, True, (13, 13)), (3, 2, 1, False, (8, 9)), (2, 2, 0, False, (6, 6))],

@@ -54,23 +54,21 @@ __all__ = ["SwitchMaxPool2d", "deconvnet_mode", "guided_backprop_mode", "is_patc
 _ORIGINAL_CLASS = "_zfkernels_original_class"
 _STATE = "_zfkernels_patch"
 
-# The largest rank zfkernels.relu accepts; anything else falls back to torch.
-_RELU_MAX_DIM = 8
-
 
 class SwitchMaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` computed by ``zfkernels.max_pool2d_switches``: same outputs, bit for bit.
 
     Its backward is our unpool with the recorded switches, which sums where overlapping windows share an
     argmax (the deconvnet's unpooling). ``return_indices=True`` still returns torch's int64 indices
-    (converted from the switches). Inputs our op does not take (non-float dtypes) fall back to torch.
+    (converted from the switches). Inputs our op does not take (integer, bool or complex dtypes, neither 3-D
+    nor 4-D) run ``nn.MaxPool2d``'s own forward: the same result, or the same error.
     """
 
     def forward(self, input: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         if self.dilation not in (1, (1, 1), [1, 1]):
             raise ValueError(f"SwitchMaxPool2d supports dilation=1 only, got dilation={self.dilation!r}")
-        if not isinstance(input, Tensor) or input.dtype not in FLOAT_DTYPES:
-            return super().forward(input)
+        if not isinstance(input, Tensor) or input.dtype not in FLOAT_DTYPES or input.dim() not in (3, 4):
+            return super().forward(input)  # torch's result, or torch's error
         values, switches = ops.max_pool2d_switches(
             input, self.kernel_size, self.stride, self.padding, self.ceil_mode
         )
@@ -114,7 +112,7 @@ class _FunctionalReLU(TorchFunctionMode):
             inplace = True
         if inplace is not None:
             input = args[0] if args else kwargs.get("input", kwargs.get("self"))
-            if isinstance(input, Tensor) and input.dtype in FLOAT_DTYPES and input.dim() <= _RELU_MAX_DIM:
+            if znn._relu_takes(input):  # anything else (integers, bool, complex...) runs torch's own
                 return ops.relu(input, inplace, backward=self.rule)
         return func(*args, **kwargs)
 
