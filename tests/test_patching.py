@@ -409,6 +409,59 @@ def test_patched_module_returns_what_stock_returns_for_every_dtype(kind, dtype):
 
 
 @pytest.mark.parametrize(
+    ("in_channels", "out_channels", "groups", "dilation", "dtype", "ours"),
+    [
+        (96, 3, 1, 1, torch.float32, True),  # ZFNet's layer 1: our direct kernel
+        (8, 4, 1, 1, torch.float64, True),
+        (8, 5, 1, 1, torch.float32, False),  # wider: the same oneDNN call as stock
+        (8, 4, 2, 1, torch.float32, False),  # grouped
+        (8, 3, 1, 2, torch.float32, False),  # dilated
+        (8, 3, 1, 1, torch.bfloat16, False),  # half types
+    ],
+)
+def test_conv_transpose_numerics_are_as_documented(
+    in_channels, out_channels, groups, dilation, dtype, ours, monkeypatch
+):
+    # patch's documented contract: at most 4 output channels (fp32/fp64, groups=1, dilation=1, CPU) run our
+    # direct kernel, which sums in another order (allclose); every other case calls F.conv_transpose2d as
+    # stock does (bit for bit).
+    from zfkernels.ops import cpu as cpu_backend
+
+    calls: list[tuple] = []
+    real = cpu_backend.cpu_module
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def conv_transpose2d_direct(self, *args):
+            ran = real.conv_transpose2d_direct(*args)  # False: the kernel declined (dilation, half types)
+            if ran:
+                calls.append(args)
+            return ran
+
+    monkeypatch.setattr(cpu_backend, "cpu_module", Spy())
+    torch.manual_seed(9)
+    stock = nn.ConvTranspose2d(
+        in_channels, out_channels, 7, stride=2, padding=1, output_padding=1, groups=groups, dilation=dilation
+    ).to(dtype)
+    size = 110 if in_channels == 96 else 12
+    x = torch.relu(torch.randn(1, in_channels, size, size, generator=torch.Generator().manual_seed(10))).to(
+        dtype
+    )
+    with torch.no_grad():
+        expected = stock(x)
+        got = patch(stock)(x)
+    assert bool(calls) == ours
+    if ours:
+        scale = expected.abs().max().item()
+        tolerance = {torch.float32: 1e-5, torch.float64: 1e-13}[dtype]
+        assert_close_verbose(got, expected, rtol=tolerance, atol=tolerance * scale, label="direct kernel")
+    else:
+        assert_bitwise_equal(got, expected, "F.conv_transpose2d as stock")
+
+
+@pytest.mark.parametrize(
     "kernel, stride, padding, ceil_mode, size",
     [(3, 2, 0, True, (13, 13)), (3, 2, 1, False, (8, 9)), (2, 2, 0, False, (6, 6))],
 )

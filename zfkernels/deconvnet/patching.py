@@ -3,7 +3,7 @@
 Why: hook-based tools (captum's NeuronDeconvolution / GuidedBackprop) hook nn.ReLU modules: they miss F.relu
 calls, and drop a skip's share of a gradient they rewrite. A rule carried by the op itself cannot be missed.
 
-    model = patch(torchvision.models.resnet18())    # outputs unchanged, bit for bit
+    model = patch(torchvision.models.resnet18())    # outputs unchanged, bit for bit (no ConvTranspose2d)
     with deconvnet_mode(model):                     # or guided_backprop_mode(model)
         model(x)[0, k].backward()                   # x.grad is the deconvnet projection of logit k
     unpatch(model)                                  # the exact original model again
@@ -161,13 +161,24 @@ def _unpatchable_reason(module: nn.Module) -> str | None:
 
 
 def patch(model: nn.Module) -> nn.Module:
-    """Swap zfkernels' ops into ``model`` in place and return it; outputs stay identical.
+    """Swap zfkernels' ops into ``model`` in place and return it; outputs stay as stock's (see below).
 
     nn.MaxPool2d -> :class:`SwitchMaxPool2d`, nn.ReLU -> ``zfkernels.nn.ReLU``, nn.ConvTranspose2d ->
     ``zfkernels.nn.ConvTranspose2d`` (the same module objects, class switched: Parameters, buffers and
     hooks stay), and functional ReLUs called inside ``model``'s forward -> ``zfkernels.relu``.
     Modules that cannot be patched (max-pool with dilation, subclasses of these types) are left as they
     are and named in a ``UserWarning``. Patching a patched model changes nothing.
+
+    What stays identical: max-pools and ReLUs (modules and functional) give stock's outputs bit for bit,
+    and on the CPU their gradients too (our unpool sums shared argmaxes in the order torch's CPU max-pool
+    backward does). ``ConvTranspose2d`` is bit for bit too where it calls the same ``F.conv_transpose2d``
+    as stock: more than 4 output channels, groups or dilation, fp16/bf16, an empty batch, and CUDA tensors
+    under the default "auto" backend. The exception is CPU tensors in fp32/fp64 with at most 4 output
+    channels, groups=1 and dilation=1 (an RGB first layer, ZFNet's 96 -> 3): they run our direct kernel,
+    which sums in another order, so outputs agree with stock to rounding (allclose, about 1e-6 of the
+    output's scale at ZFNet's layer 1), not bit for bit; so do the "triton" and "cuda" backends' own
+    kernels. Its gradient is ``aten.convolution_backward``, as stock's. Inputs our ops do not take
+    (integer, bool or complex dtypes, ranks they lack) run torch's own op: stock's result or stock's error.
     """
     _check_model(model)
     skipped = []
