@@ -205,6 +205,15 @@ def test_cli_compare_exit_code(tiny_run, tmp_path, old_median_ms, exit_code, cap
     assert "regressed beyond 1.1x" in capsys.readouterr().out
 
 
+def test_cli_threshold_error_prints_one_percent_sign(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--threshold", "1.0"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --threshold: expected a number above 1 (1.10 = 10% slower), got '1.0'" in err, err
+    assert "%%" not in err
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [

@@ -70,7 +70,8 @@ def _ratio(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number above 1, got {text!r}") from None
     if not value > 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number above 1 (1.10 = 10%% slower), got {text!r}")
+        # Not %-formatted by argparse (unlike help strings): a single % prints as one.
+        raise argparse.ArgumentTypeError(f"expected a number above 1 (1.10 = 10% slower), got {text!r}")
     return value
 
 
