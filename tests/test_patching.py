@@ -494,6 +494,21 @@ def test_dilated_pool_and_subclasses_are_left_unpatched_with_a_warning():
         patch(make_chain(("module", "module")))  # nothing to report: no warning
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_torchscript_is_refused_at_the_root_and_reported_inside():
+    # Switching classes cannot reach compiled code: a scripted model's modes would give plain gradients.
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU()))
+    with pytest.raises(TypeError, match="TorchScript module .* patch the eager model instead"):
+        patch(scripted)
+    assert not is_patched(scripted)
+    model = nn.Sequential(nn.ReLU(), scripted, nn.MaxPool2d(2))
+    with pytest.warns(
+        UserWarning, match=r"unpatched .*: 1 \(a TorchScript module: its compiled code cannot be patched\)$"
+    ):
+        patch(model)
+    assert type(model[0]) is znn.ReLU and type(model[2]) is SwitchMaxPool2d
+
+
 # ------------------------------------------------------------------------------------------- training
 class TrainNet(nn.Module):
     def __init__(self):

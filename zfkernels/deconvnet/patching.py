@@ -166,8 +166,9 @@ def patch(model: nn.Module) -> nn.Module:
     nn.MaxPool2d -> :class:`SwitchMaxPool2d`, nn.ReLU -> ``zfkernels.nn.ReLU``, nn.ConvTranspose2d ->
     ``zfkernels.nn.ConvTranspose2d`` (the same module objects, class switched: Parameters, buffers and
     hooks stay), and functional ReLUs called inside ``model``'s forward -> ``zfkernels.relu``.
-    Modules that cannot be patched (max-pool with dilation, subclasses of these types) are left as they
-    are and named in a ``UserWarning``. Patching a patched model changes nothing.
+    Modules that cannot be patched (max-pool with dilation, subclasses of these types, TorchScript
+    submodules) are left as they are and named in a ``UserWarning``; a TorchScript ``model`` raises
+    TypeError. Patching a patched model changes nothing.
 
     What stays identical: max-pools and ReLUs (modules and functional) give stock's outputs bit for bit,
     and on the CPU their gradients too (our unpool sums shared argmaxes in the order torch's CPU max-pool
@@ -181,8 +182,22 @@ def patch(model: nn.Module) -> nn.Module:
     (integer, bool or complex dtypes, ranks they lack) run torch's own op: stock's result or stock's error.
     """
     _check_model(model)
+    if isinstance(model, torch.jit.ScriptModule):
+        # Its forward is compiled TorchScript: switching classes changes nothing it runs, and the modes
+        # would then give plain gradients without a word.
+        raise TypeError(
+            "model is a TorchScript module (torch.jit.script/trace), whose compiled code cannot be patched; "
+            "patch the eager model instead"
+        )
     skipped = []
+    scripted: list[str] = []
     for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in scripted):
+            continue  # inside a TorchScript submodule, already reported
+        if isinstance(module, torch.jit.ScriptModule):
+            scripted.append(name)
+            skipped.append(f"{name} (a TorchScript module: its compiled code cannot be patched)")
+            continue
         reason = _unpatchable_reason(module)
         if reason is not None:
             skipped.append(f"{name or '<model>'} ({reason})")
