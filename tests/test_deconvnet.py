@@ -677,8 +677,19 @@ def test_bad_filters_and_top(alexnet_deconvnet):
         alexnet_deconvnet.project(images, "features.0", filters=True)
     with pytest.raises(ValueError, match=r"top must be in 1..9"):
         alexnet_deconvnet.project(images, "features.10", top=10)  # conv5 is 3x3 at 67x67
-    with pytest.raises(TypeError, match="top must be an int"):
-        alexnet_deconvnet.project(images, "features.10", top=1.0)
+    with pytest.raises(
+        ValueError, match=r"top must be in 1..9 \(the positions in the output of layer 'features.10'\)"
+    ):
+        alexnet_deconvnet.project(images, "features.10", top=0)
+    for not_an_int in (1.0, True, torch.tensor(2.0), "2"):
+        with pytest.raises(TypeError, match="top must be an int"):
+            alexnet_deconvnet.project(images, "features.10", top=not_an_int)
+    for integer in (np.int64(2), torch.tensor(2)):  # integers of other libraries count, as for filters
+        assert alexnet_deconvnet.project(images, "features.10", filters=[1], top=integer).values.shape == (
+            1,
+            1,
+            2,
+        )
 
 
 def test_bad_images(alexnet_deconvnet):
@@ -811,12 +822,19 @@ def test_refusal_is_sentences_ending_with_the_projectable_layers():
             message,
         )
     assert messages["nothing projectable"].endswith("Layers that can be projected: none.")
+    assert messages["not a conv/ReLU/pool"].startswith(
+        "layer '1' (Tanh) is not a conv, ReLU or max-pool layer, where a projection starts. Layers that"
+    )
     assert "module registration order because torch.fx could not trace" in messages["registration order"]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_bad_constructor_arguments():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         DeconvNet(lambda x: x)
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU()))
+    with pytest.raises(TypeError, match="TorchScript module .* pass that instead"):
+        DeconvNet(scripted)
     with pytest.raises(ValueError, match="chunk_bytes"):
         DeconvNet(nn.Conv2d(3, 3, 3), chunk_bytes=0)
     with pytest.raises(TypeError, match="check must be a bool"):

@@ -508,8 +508,8 @@ class LayerChains:
         kinds = (nn.Conv2d, *_RELU_MODULES, *_POOL_MODULES)
         if not isinstance(module, kinds):
             raise ValueError(
-                f"layer {layer!r} is a {type(module).__name__}; a projection starts at a conv, ReLU or "
-                "max-pool layer."
+                f"layer {layer!r} ({type(module).__name__}) is not a conv, ReLU or max-pool layer, where a "
+                "projection starts."
             )
         if self.graph is None:
             return self._build_from_registration_order(layer)

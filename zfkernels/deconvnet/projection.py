@@ -264,6 +264,11 @@ class DeconvNet:
     def __init__(self, model: nn.Module, *, check: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, torch.jit.ScriptModule):  # no layer types or Python forward left to read
+            raise TypeError(
+                "model is a TorchScript module (torch.jit.script/trace); DeconvNet reads the layers and the "
+                "forward of the eager model: pass that instead"
+            )
         if not isinstance(check, bool):
             raise TypeError(f"check must be a bool, got {check!r}")
         if not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes < 1:
@@ -319,11 +324,14 @@ class DeconvNet:
         channels = chain.out_channels(images.shape[1])
         selected = _filter_list(filters, channels, layer)
         positions_available = sizes[-1][0] * sizes[-1][1] if sizes else images.shape[-2] * images.shape[-1]
-        if not isinstance(top, int) or isinstance(top, bool):
+        top_index = _as_index(top)  # numpy and 0-d tensor integers are ints too, as for filters
+        if top_index is None:
             raise TypeError(f"top must be an int, got {top!r}")
+        top = top_index
         if not 1 <= top <= positions_available:
             raise ValueError(
-                f"top must be in 1..{positions_available} (positions in {layer!r}'s output), got {top}"
+                f"top must be in 1..{positions_available} (the positions in the output of layer {layer!r}), "
+                f"got {top}"
             )
         with _eval_mode(self.model), torch.no_grad():
             record = chain.forward(images)
