@@ -286,6 +286,20 @@ def test_cli_compare_record_is_checked_whole_before_anything_runs(
     assert message in err, err
 
 
+@pytest.mark.parametrize(
+    ("content", "reason"), [(b"", "not JSON"), (b"\xff\xfe", "not JSON"), (b"[1, 2]", "not a zfkernels")]
+)
+def test_cli_compare_file_that_is_no_record_is_named_in_one_line(tmp_path, capsys, content, reason):
+    old = tmp_path / "old.json"
+    old.write_bytes(content)
+    assert main(["bench", "--ops", "relu", "--compare", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"zfkernels bench: error: cannot use --compare {old}: {reason}")
+        and err.count("\n") == 1
+    )
+
+
 def test_cli_threshold_error_prints_one_percent_sign(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "--threshold", "1.0"])

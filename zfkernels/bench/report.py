@@ -416,7 +416,7 @@ def load_run(path: str | Path) -> BenchRun:
     try:
         data = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not JSON ({error})") from error
+        raise ValueError(f"{path}: not JSON ({error})") from error
     try:
         return run_from_json(data)
     except ValueError as error:
