@@ -313,11 +313,13 @@ class DeconvNet:
         ``weight / sqrt(running_var + eps)`` (batch-norm in eval mode) or multiplied by LRN's Jacobian. With
         one on the path, the projection equals the value times the deconvnet gradient of the same model in
         which each such layer's backward is the identity (its forward unchanged), and differs from
-        ``NeuronDeconvolution`` (by tens of percent at trained batch-norm statistics). Dropout (the model is
-        projected in eval mode) and ``nn.Identity`` are the identity both ways and change nothing.
+        ``NeuronDeconvolution`` (by 73% at ResNet18's ``layer1.0.conv2``, batch-norm statistics gathered on
+        random images). Dropout (the model is projected in eval mode) and ``nn.Identity`` are the identity
+        both ways and change nothing.
 
         Images with a NaN or inf raise ValueError before anything runs (a projection of a non-finite image
-        is undefined), as do NaN/inf activations of the filters asked for.
+        is undefined); so do NaN/inf activations of the filters asked for (a NaN parameter, an overflow),
+        once the chain has run.
         """
         chain = self.chain(layer)
         sizes = self._check_images(images, chain)
