@@ -205,6 +205,110 @@ def test_cli_compare_exit_code(tiny_run, tmp_path, old_median_ms, exit_code, cap
     assert "regressed beyond 1.1x" in capsys.readouterr().out
 
 
+def _bad_record(run: BenchRun, damage) -> dict:
+    data = json.loads(json.dumps(run_to_json(run)))
+    damage(data)
+    return data
+
+
+def _set_median(value):
+    return lambda data: data["cells"][1]["timing"].update(median_ms=value)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            _set_median(0),
+            "cells[1] (relu L5 forward fp32 reference): timing.median_ms must be a positive number of ms, "
+            "got 0.0",
+        ),
+        (_set_median(-2.5), "cells[1] (relu L5 forward fp32 reference): timing.median_ms must be a positive"),
+        (_set_median(float("nan")), "timing.median_ms must be a positive number of ms, got nan"),
+        (
+            _set_median("fast"),
+            "cells[1] (relu L5 forward fp32 reference): timing.median_ms must be a float, got 'fast'",
+        ),
+        (_set_median(True), "timing.median_ms must be a float, got True"),
+        (_set_median(None), "timing.median_ms must be a float, got None"),
+        (
+            lambda data: data["cells"][1]["timing"].pop("p80_ms"),
+            "cells[1] (relu L5 forward fp32 reference): timing has no field(s) p80_ms",
+        ),
+        (
+            lambda data: data["cells"][0].update(status="great"),
+            "cells[0] (relu L5 forward fp32 eager): status must be",
+        ),
+        (lambda data: data["cells"][0].update(op=7), "cells[0]: op must be a str, got 7"),
+        (
+            lambda data: data["cells"].append(data["cells"][0]),
+            "cells[4] (relu L5 forward fp32 eager) repeats cells[0]",
+        ),
+        (lambda data: data["cells"].__setitem__(2, [1, 2]), "cells[2] must be an object, got [1, 2]"),
+        (lambda data: data.update(cells={}), "cells must be a list, got {}"),
+        (lambda data: data["settings"].update(batch="8"), "settings.batch must be an int, got '8'"),
+        (
+            lambda data: data["copy"].update(process_gbps=[1.0, "x"]),
+            "copy.process_gbps[1] must be a float, got 'x'",
+        ),
+        (lambda data: data.update(schema=0), "not a zfkernels bench record of schema 1"),
+    ],
+    ids=[
+        "zero",
+        "negative",
+        "nan",
+        "string",
+        "bool",
+        "null",
+        "missing_field",
+        "status",
+        "key_type",
+        "duplicate",
+        "cell_not_object",
+        "cells_not_list",
+        "settings_type",
+        "list_item",
+        "schema",
+    ],
+)
+def test_cli_compare_record_is_checked_whole_before_anything_runs(
+    tiny_run, tmp_path, monkeypatch, capsys, damage, message
+):
+    # A bad record used to be met only when comparing, after the whole benchmark: a traceback at the end.
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(_bad_record(tiny_run, damage)))
+    monkeypatch.setattr("zfkernels.cli.run_cases", lambda *args, **kwargs: pytest.fail("the benchmark ran"))
+    assert main([*QUICK_RELU_L5, "--output", str(tmp_path / "new"), "--compare", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"zfkernels bench: error: cannot use --compare {old}: ") and err.count("\n") == 1, (
+        err
+    )
+    assert message in err, err
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"), [(b"", "not JSON"), (b"\xff\xfe", "not JSON"), (b"[1, 2]", "not a zfkernels")]
+)
+def test_cli_compare_file_that_is_no_record_is_named_in_one_line(tmp_path, capsys, content, reason):
+    old = tmp_path / "old.json"
+    old.write_bytes(content)
+    assert main(["bench", "--ops", "relu", "--compare", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"zfkernels bench: error: cannot use --compare {old}: {reason}")
+        and err.count("\n") == 1
+    )
+
+
+def test_cli_threshold_error_prints_one_percent_sign(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--threshold", "1.0"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --threshold: expected a number above 1 (1.10 = 10% slower), got '1.0'" in err, err
+    assert "%%" not in err
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [

@@ -9,6 +9,7 @@ wrapped so their backward is the identity while their forward is unchanged.
 from __future__ import annotations
 
 import copy
+import re
 from collections import OrderedDict
 
 import numpy as np
@@ -17,11 +18,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from captum.attr import NeuronDeconvolution
+from captum.testing.helpers.basic_models import BasicModel_ConvNet_One_Conv
 from conftest import assert_close_verbose
 from test_receptive_field import zfnet_sequential
 from torch import nn
 
 import zfkernels.nn as znn
+from zfkernels.deconvnet.chain import SUPPORTED_LAYERS
 from zfkernels.deconvnet.projection import DeconvNet, Projection
 
 pytestmark = [
@@ -44,14 +47,15 @@ class SkipBackward(nn.Module):
         return x + (self.layer(x) - x).detach()
 
 
-def captum_ready(model: nn.Module) -> nn.Module:
-    """A copy for captum: out-of-place ReLUs (captum hooks them), skipped layers with an identity backward."""
+def captum_ready(model: nn.Module, *, skip_normalization: bool = True) -> nn.Module:
+    """A copy for captum: out-of-place ReLUs (captum hooks them), skipped layers with an identity backward
+    (``skip_normalization=False``: normalization layers keep their true backward, captum's own setting)."""
     model = copy.deepcopy(model).eval()
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.ReLU):
                 child.inplace = False
-            elif isinstance(child, (nn.LocalResponseNorm, nn.BatchNorm2d)):
+            elif skip_normalization and isinstance(child, (nn.LocalResponseNorm, nn.BatchNorm2d)):
                 setattr(module, name, SkipBackward(child))
     return model
 
@@ -286,6 +290,68 @@ def test_skipped_layers_batchnorm_lrn_dropout():
     model.eval()
     assert_values_are_the_activations(result, model, "relu2", images)
     assert_matches_captum(result, captum_ready(model), "relu2", images)
+
+
+def normalized_chain(normalization: str) -> nn.Sequential:
+    """conv -> norm -> relu -> pool -> conv -> norm -> relu -> conv, the norm layers far from the identity."""
+
+    def norm(channels: int) -> nn.Module:
+        if normalization == "batchnorm":
+            layer = nn.BatchNorm2d(channels)
+            with torch.no_grad():  # trained-looking statistics: per-channel scales from 0.3 to 3
+                layer.running_mean.uniform_(-1, 1)
+                layer.running_var.uniform_(0.1, 4)
+                layer.weight.uniform_(0.5, 1.5)
+                layer.bias.uniform_(-0.5, 0.5)
+            return layer
+        return nn.LocalResponseNorm(3, alpha=0.5, k=1.0) if normalization == "lrn" else nn.Identity()
+
+    torch.manual_seed(29)
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(3, 8, 5, stride=2, padding=2),
+            norm1=norm(8),
+            relu1=nn.ReLU(),
+            pool1=nn.MaxPool2d(3, 2, ceil_mode=True),
+            conv2=nn.Conv2d(8, 8, 3, padding=1),
+            norm2=norm(8),
+            relu2=nn.ReLU(),
+            conv3=nn.Conv2d(8, 6, 3, padding=1),
+        )
+    ).eval()
+
+
+def max_relative_difference(result: Projection, reference_model: nn.Module, layer: str, images) -> float:
+    """The largest difference of a projection from captum's NeuronDeconvolution x value, over its scale."""
+    module = dict(reference_model.named_modules())[layer]
+    worst = 0.0
+    for b in range(images.shape[0]):
+        for fi, filt in enumerate(result.filters):
+            row, col = result.positions[b, fi, 0].tolist()
+            gradient = NeuronDeconvolution(reference_model, module).attribute(
+                images[b : b + 1].clone(), neuron_selector=(filt, row, col)
+            )
+            expected = gradient[0] * result.values[b, fi, 0].clamp(min=0)
+            difference = (result.pixels[b, fi, 0] - expected).abs().max() / expected.abs().max()
+            worst = max(worst, float(difference))
+    return worst
+
+
+@pytest.mark.parametrize("normalization", ["batchnorm", "lrn"])
+def test_normalization_on_the_path_is_skipped_so_captum_differs(normalization):
+    # The documented condition: the projection is NeuronDeconvolution x value when no batch-norm or LRN
+    # lies on the path; with one, it is that of the same model with the layer's backward the identity.
+    images = images_for((2, 3, 29, 27), seed=30)
+    model = normalized_chain(normalization)
+    result = DeconvNet(model).project(images, "conv3", filters=[0, 3, 5])
+    assert_matches_captum(result, captum_ready(model), "conv3", images)
+    assert (
+        max_relative_difference(result, captum_ready(model, skip_normalization=False), "conv3", images) > 0.1
+    )
+    plain = normalized_chain("none")
+    plain.load_state_dict(model.state_dict(), strict=False)  # the same convs, nothing between them
+    result = DeconvNet(plain).project(images, "conv3", filters=[0, 3, 5])
+    assert_matches_captum(result, captum_ready(plain, skip_normalization=False), "conv3", images)
 
 
 def odd_chain() -> nn.Sequential:
@@ -523,6 +589,50 @@ def test_untraceable_model_falls_back_and_is_checked():
         DeconvNet(model, check=False).project(images, "b")  # unchecked: the user's responsibility
 
 
+def test_optional_forward_argument_is_traced_at_its_default():
+    # captum's own test model: forward(self, x1, x2=None) adds x2 only when given. fx, unbound, traces the
+    # add as if x2 were given and refused every layer; the call projected is model(images), x2=None.
+    model = BasicModel_ConvNet_One_Conv().eval()
+    deconvnet = DeconvNet(model)
+    assert deconvnet.layers() == ["conv1", "relu1"]
+    images = 30 * torch.rand((3, 1, 4, 4), generator=torch.Generator().manual_seed(23))
+    for layer in ("conv1", "relu1"):
+        result = deconvnet.project(images, layer, top=2)
+        assert_values_are_the_activations(result, model, layer, images)
+        assert_matches_captum(result, captum_ready(model), layer, images)
+
+
+NO_BIAS = torch.zeros(1)
+
+
+class OptionalExtras(nn.Module):
+    """Optional arguments of every kind: a flag, a keyword-only scale, a tensor default, **kwargs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.extra = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, shift=None, use_extra=False, bias=NO_BIAS, *, scale=1.0, **ignored):
+        if shift is not None:
+            x = x + shift
+        y = self.extra(x) if use_extra else self.conv(x)
+        if scale != 1.0:
+            y = y * scale
+        return F.relu(y) + bias
+
+
+def test_flags_and_keyword_only_defaults_are_traced_at_their_defaults():
+    torch.manual_seed(24)
+    model = OptionalExtras().eval()
+    assert DeconvNet(model).layers() == ["conv"]  # use_extra=False: the call never reaches `extra`
+    with pytest.raises(ValueError, match="'extra' is never called"):
+        DeconvNet(model).chain("extra")
+    images = images_for((2, 3, 9, 9), seed=25)
+    result = DeconvNet(model).project(images, "conv", top=2)
+    assert_matches_captum(result, captum_ready(model), "conv", images)
+
+
 class DoubledConv(nn.Conv2d):
     """A conv subclass whose forward is not the convolution its weights describe."""
 
@@ -567,8 +677,19 @@ def test_bad_filters_and_top(alexnet_deconvnet):
         alexnet_deconvnet.project(images, "features.0", filters=True)
     with pytest.raises(ValueError, match=r"top must be in 1..9"):
         alexnet_deconvnet.project(images, "features.10", top=10)  # conv5 is 3x3 at 67x67
-    with pytest.raises(TypeError, match="top must be an int"):
-        alexnet_deconvnet.project(images, "features.10", top=1.0)
+    with pytest.raises(
+        ValueError, match=r"top must be in 1..9 \(the positions in the output of layer 'features.10'\)"
+    ):
+        alexnet_deconvnet.project(images, "features.10", top=0)
+    for not_an_int in (1.0, True, torch.tensor(2.0), "2"):
+        with pytest.raises(TypeError, match="top must be an int"):
+            alexnet_deconvnet.project(images, "features.10", top=not_an_int)
+    for integer in (np.int64(2), torch.tensor(2)):  # integers of other libraries count, as for filters
+        assert alexnet_deconvnet.project(images, "features.10", filters=[1], top=integer).values.shape == (
+            1,
+            1,
+            2,
+        )
 
 
 def test_bad_images(alexnet_deconvnet):
@@ -585,6 +706,38 @@ def test_bad_images(alexnet_deconvnet):
     with pytest.raises(ValueError, match=r"too small for layer 'features.10'.*at least 31x31 pixels"):
         alexnet_deconvnet.project(images_for((1, 3, 30, 40)), "features.10")
     alexnet_deconvnet.project(images_for((1, 3, 31, 31)), "features.10")  # the smallest it takes
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_images_are_refused_before_any_work(bad, monkeypatch):
+    torch.manual_seed(26)
+    model = odd_chain()
+    images = images_for((3, 3, 41, 30), seed=27)
+    images[1, 2, 5, 7] = images[2, 0, 0, 0] = bad
+    deconvnet = DeconvNet(model)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    monkeypatch.setattr(deconvnet, "_project", lambda *args: calls.append(2))
+    message = (
+        "images contains 2 NaN/inf values \\(in 2 images: 1, 2\\); a projection of a non-finite image is"
+    )
+    with pytest.raises(ValueError, match=message):
+        deconvnet.project(images, "conv2")
+    assert calls == []
+
+
+def test_non_finite_activation_from_a_parameter_is_refused_and_other_filters_still_project():
+    model = odd_chain()
+    images = images_for((2, 3, 41, 30), seed=28)
+    with torch.no_grad():
+        model.conv2.bias[1] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"layer 'conv2' gives \d+ NaN/inf activations .* conv weight or bias"
+    ):
+        DeconvNet(model).project(images, "conv2", filters=[0, 1])
+    result = DeconvNet(model).project(images, "conv2", filters=[0, 2])
+    assert result.pixels.isfinite().all()
+    assert_matches_captum(result, captum_ready(model), "conv2", images)
 
 
 class Residual(nn.Module):
@@ -617,9 +770,71 @@ def test_unsupported_op_on_the_path(model, layer, named):
     assert layer not in deconvnet.layers()
 
 
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3)
+        self.twice = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, y):
+        return self.twice(self.twice(self.conv(y))) + x.mean()
+
+
+class UntraceableWithTanh(Untraceable):
+    """Registration order (fx cannot trace it) with a layer the deconvnet cannot invert."""
+
+    def __init__(self):
+        super().__init__()
+        self.relu = nn.Tanh()
+
+
+def refusal(call) -> str:
+    with pytest.raises(ValueError) as error:
+        call()
+    return str(error.value)
+
+
+def test_refusal_is_sentences_ending_with_the_projectable_layers():
+    supported = "Supported: " + SUPPORTED_LAYERS + "."
+    tanh = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 3)).eval()
+    # The whole text once, exactly: reason, what is supported, what could be projected instead.
+    assert refusal(lambda: DeconvNet(tanh).chain("2")) == (
+        "layer '2' cannot be projected: its path from the input goes through '1' (Tanh), which the "
+        f"deconvnet cannot invert. {supported} Layers that can be projected: '0'."
+    )
+    messages = {
+        "not a module": refusal(lambda: DeconvNet(tanh).chain("conv9")),
+        "not a conv/ReLU/pool": refusal(lambda: DeconvNet(tanh).chain("1")),
+        "called twice": refusal(lambda: DeconvNet(TwoInputs()).chain("twice")),
+        "another forward argument": refusal(lambda: DeconvNet(TwoInputs()).chain("conv")),
+        "registration order": refusal(lambda: DeconvNet(UntraceableWithTanh()).chain("b")),
+        "nothing projectable": refusal(
+            lambda: DeconvNet(nn.Sequential(nn.Tanh(), nn.Conv2d(3, 3, 1))).chain("1")
+        ),
+    }
+    for kind, message in messages.items():
+        # One line; every sentence closed before the next begins; the list of layers is the last one.
+        assert "\n" not in message and ".." not in message, kind
+        before, listing = message.rsplit(" Layers that can be projected: ", 1)
+        assert before.endswith("."), (kind, message)
+        assert listing.endswith(".") and re.fullmatch(r"('[\w.]+'(, '[\w.]+')*|none)\.", listing), (
+            kind,
+            message,
+        )
+    assert messages["nothing projectable"].endswith("Layers that can be projected: none.")
+    assert messages["not a conv/ReLU/pool"].startswith(
+        "layer '1' (Tanh) is not a conv, ReLU or max-pool layer, where a projection starts. Layers that"
+    )
+    assert "module registration order because torch.fx could not trace" in messages["registration order"]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_bad_constructor_arguments():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         DeconvNet(lambda x: x)
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU()))
+    with pytest.raises(TypeError, match="TorchScript module .* pass that instead"):
+        DeconvNet(scripted)
     with pytest.raises(ValueError, match="chunk_bytes"):
         DeconvNet(nn.Conv2d(3, 3, 3), chunk_bytes=0)
     with pytest.raises(TypeError, match="check must be a bool"):

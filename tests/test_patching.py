@@ -330,6 +330,137 @@ def test_conv_transpose_model_matches_and_keeps_parameters():
     assert model[0](x, output_size=[10, 11]).shape[-2:] == (10, 11)  # forward's output_size still works
 
 
+# ------------------------------------------------------------------------ patched models behave as stock
+class FunctionalReLU(nn.Module):
+    """A forward whose only op is one spelling of a functional ReLU (rerouted inside a patched forward)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_relu(self.kind, self, x)
+
+
+PATCHED_KINDS = {
+    "MaxPool2d": lambda: nn.MaxPool2d(3, 2),
+    "MaxPool2d_indices": lambda: nn.MaxPool2d(3, 2, ceil_mode=True, return_indices=True),
+    "ReLU": nn.ReLU,
+    "ReLU_inplace": lambda: nn.ReLU(inplace=True),
+    # 5 output channels: torch's own convolution (numerics: test_conv_transpose_numerics_are_as_documented)
+    "ConvTranspose2d": lambda: nn.ConvTranspose2d(3, 5, 3, stride=2),
+    **{kind: lambda kind=kind: FunctionalReLU(kind) for kind in FUNCTIONAL_KINDS},
+}
+ALL_DTYPES = [
+    torch.int64,
+    torch.int32,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+]
+
+
+def example_of(dtype: torch.dtype, shape=(2, 3, 7, 7)) -> torch.Tensor:
+    x = 10 * torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    if dtype == torch.bool:
+        return x > 0
+    if dtype.is_complex:
+        return torch.complex(x, x.flip(-1)).to(dtype)
+    return x.to(dtype) if dtype.is_floating_point else x.abs().round().to(dtype)
+
+
+def outcome(module: nn.Module, x: torch.Tensor) -> tuple:
+    """("returned", the output tensors) or ("raised", the exception's type and message)."""
+    try:
+        output = module(x.clone())
+    except Exception as error:  # noqa: BLE001  (whatever stock raises, the patched model must raise too)
+        return "raised", type(error), str(error)
+    return "returned", *(output if isinstance(output, tuple) else (output,))
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules:UserWarning")
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", list(PATCHED_KINDS))
+def test_patched_module_returns_what_stock_returns_for_every_dtype(kind, dtype):
+    # Our ops take float dtypes only; anything else runs torch's own op: its result, or its very error.
+    stock = PATCHED_KINDS[kind]()
+    if kind == "ConvTranspose2d" and (dtype.is_floating_point or dtype.is_complex):
+        stock = stock.to(dtype)  # parameters in the input's dtype (integer ones cannot be made)
+    patched = patch(copy.deepcopy(stock))
+    shapes = [(2, 3, 7, 7), (3, 7, 7)]
+    if "relu" in kind.lower():
+        shapes += [(7, 7), (), (1,) * 9]  # torch.relu takes any rank, ours up to 8
+    for shape in shapes:
+        x = example_of(dtype, shape)
+        expected, got = outcome(stock, x), outcome(patched, x)
+        label = f"{kind} {dtype} {shape}"
+        assert got[0] == expected[0], f"{label}: stock {expected}, patched {got}"
+        if expected[0] == "raised":
+            assert got == expected, label
+            continue
+        assert len(got) == len(expected), label
+        for a, b in zip(got[1:], expected[1:], strict=True):
+            assert_bitwise_equal(a, b, label)
+
+
+@pytest.mark.parametrize(
+    ("in_channels", "out_channels", "groups", "dilation", "dtype", "ours"),
+    [
+        (96, 3, 1, 1, torch.float32, True),  # ZFNet's layer 1: our direct kernel
+        (8, 4, 1, 1, torch.float64, True),
+        (8, 5, 1, 1, torch.float32, False),  # wider: the same oneDNN call as stock
+        (8, 4, 2, 1, torch.float32, False),  # grouped
+        (8, 3, 1, 2, torch.float32, False),  # dilated
+        (8, 3, 1, 1, torch.bfloat16, False),  # half types
+    ],
+)
+def test_conv_transpose_numerics_are_as_documented(
+    in_channels, out_channels, groups, dilation, dtype, ours, monkeypatch
+):
+    # patch's documented contract: at most 4 output channels (fp32/fp64, groups=1, dilation=1, CPU) run our
+    # direct kernel, which sums in another order (allclose); every other case calls F.conv_transpose2d as
+    # stock does (bit for bit).
+    from zfkernels.ops import cpu as cpu_backend
+
+    calls: list[tuple] = []
+    real = cpu_backend.cpu_module
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def conv_transpose2d_direct(self, *args):
+            ran = real.conv_transpose2d_direct(*args)  # False: the kernel declined (dilation, half types)
+            if ran:
+                calls.append(args)
+            return ran
+
+    monkeypatch.setattr(cpu_backend, "cpu_module", Spy())
+    torch.manual_seed(9)
+    stock = nn.ConvTranspose2d(
+        in_channels, out_channels, 7, stride=2, padding=1, output_padding=1, groups=groups, dilation=dilation
+    ).to(dtype)
+    size = 110 if in_channels == 96 else 12
+    x = torch.relu(torch.randn(1, in_channels, size, size, generator=torch.Generator().manual_seed(10))).to(
+        dtype
+    )
+    with torch.no_grad():
+        expected = stock(x)
+        got = patch(stock)(x)
+    assert bool(calls) == ours
+    if ours:
+        scale = expected.abs().max().item()
+        tolerance = {torch.float32: 1e-5, torch.float64: 1e-13}[dtype]
+        assert_close_verbose(got, expected, rtol=tolerance, atol=tolerance * scale, label="direct kernel")
+    else:
+        assert_bitwise_equal(got, expected, "F.conv_transpose2d as stock")
+
+
 @pytest.mark.parametrize(
     "kernel, stride, padding, ceil_mode, size",
     [(3, 2, 0, True, (13, 13)), (3, 2, 1, False, (8, 9)), (2, 2, 0, False, (6, 6))],
@@ -361,6 +492,21 @@ def test_dilated_pool_and_subclasses_are_left_unpatched_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         patch(make_chain(("module", "module")))  # nothing to report: no warning
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_torchscript_is_refused_at_the_root_and_reported_inside():
+    # Switching classes cannot reach compiled code: a scripted model's modes would give plain gradients.
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU()))
+    with pytest.raises(TypeError, match="TorchScript module .* patch the eager model instead"):
+        patch(scripted)
+    assert not is_patched(scripted)
+    model = nn.Sequential(nn.ReLU(), scripted, nn.MaxPool2d(2))
+    with pytest.warns(
+        UserWarning, match=r"unpatched .*: 1 \(a TorchScript module: its compiled code cannot be patched\)$"
+    ):
+        patch(model)
+    assert type(model[0]) is znn.ReLU and type(model[2]) is SwitchMaxPool2d
 
 
 # ------------------------------------------------------------------------------------------- training

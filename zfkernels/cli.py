@@ -70,7 +70,8 @@ def _ratio(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number above 1, got {text!r}") from None
     if not value > 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number above 1 (1.10 = 10%% slower), got {text!r}")
+        # Not %-formatted by argparse (unlike help strings): a single % prints as one.
+        raise argparse.ArgumentTypeError(f"expected a number above 1 (1.10 = 10% slower), got {text!r}")
     return value
 
 
@@ -261,10 +262,15 @@ def _bench(args: argparse.Namespace) -> int:
     selected, settings, skipped = _plan(args)
     old = None
     if args.compare is not None:
+        # The whole record is checked here, before minutes of measuring, not when the comparison needs it.
         try:
             old = report.load_run(args.compare)
-        except (OSError, ValueError) as error:
-            raise UsageError(f"cannot use --compare {str(args.compare)!r}: {error}") from None
+        except OSError as error:
+            raise UsageError(
+                f"cannot use --compare {str(args.compare)!r}: {error.strerror or error}"
+            ) from None
+        except ValueError as error:  # its message starts with the file's name
+            raise UsageError(f"cannot use --compare {error}") from None
     _check_writable(args.output)
     # Inductor warns on every compile that a CPU-only machine has no CUDA runtime: true, and noise here.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

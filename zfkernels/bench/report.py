@@ -11,13 +11,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .cases import END_TO_END, EXTERNAL_PROVIDERS, QUICK_DECONVNET_FILTERS, QUICK_DECONVNET_IMAGES
-from .runner import OK, BenchRun, Cell, CopyBandwidth, Machine, Settings, Timing, TimingPolicy
+from .runner import ERROR, FAILED, OK, BenchRun, Cell, CopyBandwidth, Machine, Settings
 
 JSON_NAME, MARKDOWN_NAME, CHART_NAME = "results.json", "report.md", "speedups.png"
 SCHEMA_VERSION = 1
@@ -314,36 +316,107 @@ def run_to_json(run: BenchRun) -> dict[str, Any]:
 
 
 def run_from_json(data: dict[str, Any]) -> BenchRun:
-    """A stored run back as dataclasses; ValueError if it is not a zfkernels bench record of this schema."""
+    """A stored run back as dataclasses; ValueError naming the first bad field (and its cell) if it is not a
+    zfkernels bench record of this schema. Every field is checked against its annotation and every timing
+    must be a positive finite number of ms, so a comparison never meets a value it cannot divide by."""
     if not isinstance(data, dict) or data.get("schema") != SCHEMA_VERSION:
         raise ValueError(f"not a zfkernels bench record of schema {SCHEMA_VERSION}")
+    fields = {key: value for key, value in data.items() if key != "schema"}
+    fields.setdefault("notes", {})  # absent in records written before the end-to-end cases
+    raw_cells = fields.get("cells", [])
+    if not isinstance(raw_cells, list):
+        raise ValueError(f"cells must be a list, got {_shown(raw_cells)}")
+    run = _decode({**fields, "cells": []}, BenchRun, "")
+    seen: dict[tuple[str, ...], int] = {}
+    for index, raw in enumerate(raw_cells):
+        cell = _cell_from_json(raw, index)
+        if cell.key in seen:
+            raise ValueError(f"cells[{index}] ({' '.join(cell.key)}) repeats cells[{seen[cell.key]}]")
+        seen[cell.key] = index
+        run.cells.append(cell)
+    return run
+
+
+def _cell_from_json(raw: Any, index: int) -> Cell:
+    if not isinstance(raw, dict):
+        raise ValueError(f"cells[{index}] must be an object, got {_shown(raw)}")
+    key = [raw.get(name) for name in ("op", "shape", "mode", "dtype", "provider")]
+    where = f"cells[{index}]" + (f" ({' '.join(key)})" if all(isinstance(k, str) for k in key) else "")
     try:
-        settings = dict(data["settings"])
-        settings["policy"] = TimingPolicy(**settings["policy"])
-        cells = []
-        for raw in data["cells"]:
-            cell = dict(raw)
-            cell["timing"] = None if cell["timing"] is None else Timing(**cell["timing"])
-            cells.append(Cell(**cell))
-        return BenchRun(
-            machine=Machine(**data["machine"]),
-            settings=Settings(**settings),
-            copy=CopyBandwidth(**data["copy"]),
-            cases=data["cases"],
-            cells=cells,
-            wall_s=data["wall_s"],
-            notes=data.get("notes", {}),  # absent in records written before the end-to-end cases
+        cell = _decode(raw, Cell, "")
+        if cell.status not in (OK, FAILED, ERROR):
+            raise ValueError(f"status must be {OK!r}, {FAILED!r} or {ERROR!r}, got {_shown(cell.status)}")
+        if cell.timing is not None:
+            for name in ("median_ms", "p20_ms", "p80_ms"):
+                value = getattr(cell.timing, name)
+                if not (math.isfinite(value) and value > 0):
+                    raise ValueError(f"timing.{name} must be a positive number of ms, got {_shown(value)}")
+            if cell.timing.repeats < 1:
+                raise ValueError(f"timing.repeats must be at least 1, got {cell.timing.repeats!r}")
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    return cell
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _decode(value: Any, annotation: Any, path: str) -> Any:
+    """``value`` (parsed JSON) as ``annotation``: a dataclass, a union with None, a list or dict of one
+    type, str, int, float (an int is taken) or bool. ValueError naming the field's ``path`` otherwise."""
+    name = path or "the record"
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be an object, got {_shown(value)}")
+        fields = {f.name: f for f in dataclasses.fields(annotation)}
+        unknown = sorted(set(value) - set(fields))
+        missing = [
+            field
+            for field, f in fields.items()
+            if field not in value
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if unknown or missing:
+            problems = [f"unknown field(s) {', '.join(unknown)}"] if unknown else []
+            problems += [f"no field(s) {', '.join(missing)}"] if missing else []
+            raise ValueError(f"{name} has {' and '.join(problems)}")
+        hints = typing.get_type_hints(annotation)
+        prefix = f"{path}." if path else ""
+        return annotation(
+            **{field: _decode(item, hints[field], prefix + field) for field, item in value.items()}
         )
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"malformed zfkernels bench record ({type(error).__name__}: {error})") from error
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in arguments:
+            return None
+        (kind,) = [a for a in arguments if a is not type(None)]
+        return _decode(value, kind, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{name} must be a list, got {_shown(value)}")
+        return [_decode(item, arguments[0], f"{path}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be an object, got {_shown(value)}")
+        return {key: _decode(item, arguments[1], f"{path}[{key!r}]") for key, item in value.items()}
+    if annotation is float and type(value) is int:  # a whole number another tool wrote without its ".0"
+        return float(value)
+    if annotation in (str, int, float, bool) and type(value) is annotation:
+        return value
+    kind = getattr(annotation, "__name__", str(annotation))
+    raise ValueError(f"{name} must be {'an' if kind == 'int' else 'a'} {kind}, got {_shown(value)}")
 
 
 def load_run(path: str | Path) -> BenchRun:
     """Read a results.json; OSError or ValueError with the reason when it cannot be used."""
     try:
         data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not JSON ({error})") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not JSON ({error})") from error
     try:
         return run_from_json(data)
     except ValueError as error:

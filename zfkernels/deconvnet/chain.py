@@ -3,18 +3,22 @@
 A deconvnet can project an activation back to the pixels only through layers it can invert: convolutions
 (transposed conv with the same weights), ReLUs (ReLU of the backward signal) and max-pools (unpool with
 the switches recorded on the way up). Normalization, batch-norm, dropout and identity layers are run on
-the way up but skipped on the way down, as in Zeiler & Fergus (2013). Anything else on the path (an
+the way up but skipped on the way down, as in Zeiler & Fergus (2013): their backward is taken as the
+identity, which for batch-norm and LRN is not their gradient. Anything else on the path (an
 average pool, a residual add, a concatenation, a grouped or dilated conv) makes the layer unprojectable.
 
 The path is read with ``torch.fx`` symbolic tracing, so it follows the model's ``forward`` (functional
-``F.relu`` calls included) rather than the order modules were registered in. Models that fx cannot trace
-fall back to registration order; :func:`check_against_model` then catches a path that disagrees with the
-model's own forward.
+``F.relu`` calls included) rather than the order modules were registered in. Optional arguments of the
+forward are bound to their defaults while tracing: the call analysed is ``model(images)``, the one the
+projection and its check run. Models that fx cannot trace fall back to registration order;
+:func:`check_against_model` then catches a path that disagrees with the model's own forward.
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -271,11 +275,17 @@ class Chain:
 
 
 # --------------------------------------------------------------------------------------- classification
+def _sentence(text: str) -> str:
+    """``text`` ending in exactly one full stop, so messages can be joined sentence after sentence."""
+    text = text.strip()
+    return text if text.endswith((".", ".)")) else text + "."
+
+
 def _unsupported(layer: str, what: str, why: str = "") -> ValueError:
     reason = f" ({why})" if why else ""
     return ValueError(
         f"layer {layer!r} cannot be projected: its path from the input goes through {what}{reason}, "
-        f"which the deconvnet cannot invert. Supported: {SUPPORTED_LAYERS}"
+        f"which the deconvnet cannot invert. Supported: {SUPPORTED_LAYERS}."
     )
 
 
@@ -339,6 +349,25 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, _KNOWN_MODULES) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _bound_defaults(model: nn.Module) -> dict[str, object]:
+    """The forward's optional arguments after the images, at their defaults: what ``model(images)`` passes.
+
+    Unbound, fx traces an argument defaulting to None as if it were given (``if x2 is not None`` is
+    always true of a proxy), which analyses a call the projection never makes."""
+    try:  # fx traces the class's forward, unwrapped
+        parameters = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    optional = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in parameters[2:] if p.kind in optional and p.default is not p.empty}
+
+
+def _trace(model: nn.Module) -> fx.Graph:
+    with warnings.catch_warnings():  # a tensor default cannot get fx's guard; the check_against_model does
+        warnings.filterwarnings("ignore", message="Was not able to add assertion", category=UserWarning)
+        return _Tracer().trace(model, concrete_args=_bound_defaults(model) or None)
 
 
 def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -428,7 +457,7 @@ class LayerChains:
         self.modules = dict(model.named_modules())
         self._cache: dict[str, Chain | ValueError] = {}
         try:
-            self.graph: fx.Graph | None = _Tracer().trace(model)
+            self.graph: fx.Graph | None = _trace(model)
             self.trace_error: Exception | None = None
         except Exception as error:  # noqa: BLE001  (any tracing failure means: fall back to module order)
             self.graph, self.trace_error = None, error
@@ -456,14 +485,15 @@ class LayerChains:
         if not isinstance(layer, str):
             raise TypeError(f"layer must be a module name (str) such as 'conv5', got {type(layer).__name__}")
         if layer not in self.modules or layer == "":
-            raise ValueError(
-                f"layer {layer!r} is not a module of the model; layers that can be projected: "
-                f"{self.projectable()}"
-            )
+            raise ValueError(f"layer {layer!r} is not a module of the model. {self._projectable_sentence()}")
         result = self._resolve(layer)
         if isinstance(result, ValueError):
-            raise ValueError(f"{result} Layers that can be projected: {self.projectable()}")
+            raise ValueError(f"{_sentence(str(result))} {self._projectable_sentence()}")
         return result
+
+    def _projectable_sentence(self) -> str:
+        names = self.projectable()
+        return f"Layers that can be projected: {', '.join(map(repr, names)) if names else 'none'}."
 
     def _resolve(self, layer: str) -> Chain | ValueError:
         if layer not in self._cache:
@@ -478,8 +508,8 @@ class LayerChains:
         kinds = (nn.Conv2d, *_RELU_MODULES, *_POOL_MODULES)
         if not isinstance(module, kinds):
             raise ValueError(
-                f"layer {layer!r} is a {type(module).__name__}; a projection starts at a conv, ReLU or "
-                "max-pool layer."
+                f"layer {layer!r} ({type(module).__name__}) is not a conv, ReLU or max-pool layer, where a "
+                "projection starts."
             )
         if self.graph is None:
             return self._build_from_registration_order(layer)
@@ -487,7 +517,10 @@ class LayerChains:
         if not nodes:
             raise ValueError(f"layer {layer!r} is never called by the model's forward.")
         if len(nodes) > 1:
-            raise ValueError(f"layer {layer!r} is called {len(nodes)} times in the forward: ambiguous.")
+            raise ValueError(
+                f"layer {layer!r} is called {len(nodes)} times in the forward, so which call to project "
+                "is ambiguous."
+            )
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         chain_ops: list[ChainOp] = []
         node = nodes[0]
@@ -508,8 +541,9 @@ class LayerChains:
                 chain_ops.append(_module_op(name, module, layer))
             except ValueError as error:
                 raise ValueError(
-                    f"{error}. (torch.fx could not trace the model ({type(self.trace_error).__name__}: "
-                    f"{self.trace_error}), so the path was read in module registration order.)"
+                    f"{_sentence(str(error))} The path was read in module registration order because "
+                    f"torch.fx could not trace the model ({type(self.trace_error).__name__}: "
+                    f"{str(self.trace_error).strip().rstrip('.')})."
                 ) from None
             if name == layer:
                 break
@@ -540,22 +574,24 @@ def check_against_model(model: nn.Module, chain: Chain, images: Tensor, activati
     except _StopForward:
         pass
     except Exception as error:
+        raised = _sentence(f"{type(error).__name__}: {error}")
         raise ValueError(
-            f"checking the deconvnet's chain against the model failed: model(images) raised "
-            f"{type(error).__name__}: {error}. Pass check=False to DeconvNet to skip this check."
+            f"checking the deconvnet's chain against the model failed: model(images) raised {raised} "
+            "Pass check=False to DeconvNet to skip this check."
         ) from error
     finally:
         handle.remove()
     if not captured:
-        raise ValueError(f"the model's forward never ran layer {chain.layer!r} on these images")
+        raise ValueError(f"the model's forward never ran layer {chain.layer!r} on these images.")
     expected = captured[0]
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    # The scale of the finite values: one NaN or inf must not turn the tolerance itself into NaN or inf.
+    scale = float(expected.abs().nan_to_num(0.0, 0.0, 0.0).max()) if expected.numel() else 0.0
     if expected.shape != activation.shape or not torch.allclose(
-        activation, expected, rtol=1e-4, atol=1e-5 * max(scale, 1e-30)
+        activation, expected, rtol=1e-4, atol=1e-5 * max(scale, 1e-30), equal_nan=True
     ):
         path = " -> ".join(op.name for op in chain.ops)
         raise ValueError(
             f"the deconvnet's chain does not reproduce the model's forward at layer {chain.layer!r} "
             f"(path read {'by fx tracing' if chain.traced else 'in module registration order'}: {path}); "
-            "the model's forward does something on this path that the deconvnet does not support"
+            "the model's forward does something on this path that the deconvnet does not support."
         )

@@ -3,7 +3,7 @@
 Why: hook-based tools (captum's NeuronDeconvolution / GuidedBackprop) hook nn.ReLU modules: they miss F.relu
 calls, and drop a skip's share of a gradient they rewrite. A rule carried by the op itself cannot be missed.
 
-    model = patch(torchvision.models.resnet18())    # outputs unchanged, bit for bit
+    model = patch(torchvision.models.resnet18())    # outputs unchanged, bit for bit (no ConvTranspose2d)
     with deconvnet_mode(model):                     # or guided_backprop_mode(model)
         model(x)[0, k].backward()                   # x.grad is the deconvnet projection of logit k
     unpatch(model)                                  # the exact original model again
@@ -54,23 +54,21 @@ __all__ = ["SwitchMaxPool2d", "deconvnet_mode", "guided_backprop_mode", "is_patc
 _ORIGINAL_CLASS = "_zfkernels_original_class"
 _STATE = "_zfkernels_patch"
 
-# The largest rank zfkernels.relu accepts; anything else falls back to torch.
-_RELU_MAX_DIM = 8
-
 
 class SwitchMaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` computed by ``zfkernels.max_pool2d_switches``: same outputs, bit for bit.
 
     Its backward is our unpool with the recorded switches, which sums where overlapping windows share an
     argmax (the deconvnet's unpooling). ``return_indices=True`` still returns torch's int64 indices
-    (converted from the switches). Inputs our op does not take (non-float dtypes) fall back to torch.
+    (converted from the switches). Inputs our op does not take (integer, bool or complex dtypes, neither 3-D
+    nor 4-D) run ``nn.MaxPool2d``'s own forward: the same result, or the same error.
     """
 
     def forward(self, input: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         if self.dilation not in (1, (1, 1), [1, 1]):
             raise ValueError(f"SwitchMaxPool2d supports dilation=1 only, got dilation={self.dilation!r}")
-        if not isinstance(input, Tensor) or input.dtype not in FLOAT_DTYPES:
-            return super().forward(input)
+        if not isinstance(input, Tensor) or input.dtype not in FLOAT_DTYPES or input.dim() not in (3, 4):
+            return super().forward(input)  # torch's result, or torch's error
         values, switches = ops.max_pool2d_switches(
             input, self.kernel_size, self.stride, self.padding, self.ceil_mode
         )
@@ -114,7 +112,7 @@ class _FunctionalReLU(TorchFunctionMode):
             inplace = True
         if inplace is not None:
             input = args[0] if args else kwargs.get("input", kwargs.get("self"))
-            if isinstance(input, Tensor) and input.dtype in FLOAT_DTYPES and input.dim() <= _RELU_MAX_DIM:
+            if znn._relu_takes(input):  # anything else (integers, bool, complex...) runs torch's own
                 return ops.relu(input, inplace, backward=self.rule)
         return func(*args, **kwargs)
 
@@ -163,17 +161,43 @@ def _unpatchable_reason(module: nn.Module) -> str | None:
 
 
 def patch(model: nn.Module) -> nn.Module:
-    """Swap zfkernels' ops into ``model`` in place and return it; outputs stay identical.
+    """Swap zfkernels' ops into ``model`` in place and return it; outputs stay as stock's (see below).
 
     nn.MaxPool2d -> :class:`SwitchMaxPool2d`, nn.ReLU -> ``zfkernels.nn.ReLU``, nn.ConvTranspose2d ->
     ``zfkernels.nn.ConvTranspose2d`` (the same module objects, class switched: Parameters, buffers and
     hooks stay), and functional ReLUs called inside ``model``'s forward -> ``zfkernels.relu``.
-    Modules that cannot be patched (max-pool with dilation, subclasses of these types) are left as they
-    are and named in a ``UserWarning``. Patching a patched model changes nothing.
+    Modules that cannot be patched (max-pool with dilation, subclasses of these types, TorchScript
+    submodules) are left as they are and named in a ``UserWarning``; a TorchScript ``model`` raises
+    TypeError. Patching a patched model changes nothing.
+
+    What stays identical: max-pools and ReLUs (modules and functional) give stock's outputs bit for bit,
+    and on the CPU their gradients too (our unpool sums shared argmaxes in the order torch's CPU max-pool
+    backward does). ``ConvTranspose2d`` is bit for bit too where it calls the same ``F.conv_transpose2d``
+    as stock: more than 4 output channels, groups or dilation, fp16/bf16, an empty batch, and CUDA tensors
+    under the default "auto" backend. The exception is CPU tensors in fp32/fp64 with at most 4 output
+    channels, groups=1 and dilation=1 (an RGB first layer, ZFNet's 96 -> 3): they run our direct kernel,
+    which sums in another order, so outputs agree with stock to rounding (allclose, about 1e-6 of the
+    output's scale at ZFNet's layer 1), not bit for bit; so do the "triton" and "cuda" backends' own
+    kernels. Its gradient is ``aten.convolution_backward``, as stock's. Inputs our ops do not take
+    (integer, bool or complex dtypes, ranks they lack) run torch's own op: stock's result or stock's error.
     """
     _check_model(model)
+    if isinstance(model, torch.jit.ScriptModule):
+        # Its forward is compiled TorchScript: switching classes changes nothing it runs, and the modes
+        # would then give plain gradients without a word.
+        raise TypeError(
+            "model is a TorchScript module (torch.jit.script/trace), whose compiled code cannot be patched; "
+            "patch the eager model instead"
+        )
     skipped = []
+    scripted: list[str] = []
     for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in scripted):
+            continue  # inside a TorchScript submodule, already reported
+        if isinstance(module, torch.jit.ScriptModule):
+            scripted.append(name)
+            skipped.append(f"{name} (a TorchScript module: its compiled code cannot be patched)")
+            continue
         reason = _unpatchable_reason(module)
         if reason is not None:
             skipped.append(f"{name or '<model>'} ({reason})")

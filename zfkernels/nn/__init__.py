@@ -8,7 +8,11 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..ops._checks import FLOAT_DTYPES
 from ..ops.reference import RULES
+
+# The most dimensions zfkernels.relu takes (torch.relu takes any).
+_RELU_MAX_DIM = 8
 
 
 class MaxPool2dSwitches(torch.nn.Module):
@@ -65,7 +69,12 @@ class MaxUnpool2d(torch.nn.Module):
 
 
 class ReLU(torch.nn.Module):
-    """``nn.ReLU`` with a gradient rule: "standard", "deconvnet" or "guided"."""
+    """``nn.ReLU`` with a gradient rule: "standard", "deconvnet" or "guided".
+
+    Inputs zfkernels.relu does not take (integer, bool or complex dtypes, more than 8 dimensions) run
+    ``torch.relu`` as ``nn.ReLU`` does: the same result, or the same error (none of them has a gradient for
+    a rule to change).
+    """
 
     def __init__(self, inplace: bool = False, *, backward: str = "standard"):
         super().__init__()
@@ -74,6 +83,8 @@ class ReLU(torch.nn.Module):
         self.inplace, self.backward = inplace, backward
 
     def forward(self, input: Tensor) -> Tensor:
+        if not _relu_takes(input):
+            return torch.nn.functional.relu(input, inplace=self.inplace)
         return ops.relu(input, self.inplace, backward=self.backward)
 
     def extra_repr(self) -> str:
@@ -81,11 +92,17 @@ class ReLU(torch.nn.Module):
 
 
 class ConvTranspose2d(torch.nn.ConvTranspose2d):
-    """``nn.ConvTranspose2d`` (same parameters and state dict) running zfkernels' transposed convolution."""
+    """``nn.ConvTranspose2d`` (same parameters and state dict) running zfkernels' transposed convolution.
+
+    Calls zfkernels.conv_transpose2d does not take (a complex or integer input, an input whose dtype is not
+    the weight's, a padding_mode other than "zeros", an input neither 3-D nor 4-D) run
+    ``nn.ConvTranspose2d``'s own forward: the same result, or the same error. Results agree with it to
+    floating-point rounding (see ``zfkernels.patch``).
+    """
 
     def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
-        if self.padding_mode != "zeros":
-            raise ValueError(f"padding_mode must be 'zeros' for ConvTranspose2d, got {self.padding_mode!r}")
+        if not self._zfkernels_takes(input):
+            return super().forward(input, output_size)
         output_padding = self._output_padding(
             input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
         )
@@ -99,6 +116,21 @@ class ConvTranspose2d(torch.nn.ConvTranspose2d):
             self.groups,
             self.dilation,
         )
+
+    def _zfkernels_takes(self, input: object) -> bool:
+        parameters = [p for p in (self.weight, self.bias) if p is not None]
+        return (
+            self.padding_mode == "zeros"
+            and isinstance(input, Tensor)
+            and input.dim() in (3, 4)
+            and input.dtype in FLOAT_DTYPES
+            and all(p.dtype == input.dtype and p.device == input.device for p in parameters)
+        )
+
+
+def _relu_takes(input: object) -> bool:
+    """Whether ``zfkernels.relu`` takes ``input`` (a float tensor of at most 8 dimensions)."""
+    return isinstance(input, Tensor) and input.dtype in FLOAT_DTYPES and input.dim() <= _RELU_MAX_DIM
 
 
 __all__ = ["ConvTranspose2d", "MaxPool2dSwitches", "MaxUnpool2d", "ReLU"]
