@@ -11,8 +11,9 @@ private resizable one, is handed out again.
 Frees are noticed at the cache's next call (an allocation, `cache_info()`, `empty_cache()`), not when they
 happen: torch tells nobody when a storage loses a user. At each call the cache keeps at most `limit` idle
 bytes, dropping the least recently handed out storages first. `limit` is an eighth of physical memory, at
-most 4 GiB, by default, or `ZFK_CPU_CACHE_MB` MiB from the environment at import; 0 turns the cache off
-(outputs are plain `torch.empty`), and a limit above the machine's memory means no limit. Like PyTorch's
+most 4 GiB, by default, or `ZFK_CPU_CACHE_MB` MiB from the environment at import; an output larger than
+`limit` is a plain `torch.empty` (so 0 turns the cache off), and a limit above the machine's memory means no
+limit. Like PyTorch's
 CUDA caching allocator, idle memory stays with the process until `empty_cache()`.
 
 The cache needs `torch._C._storage_Use_Count` (every CUDA build of torch; CPU-only builds from torch 2.8 on);
