@@ -1,5 +1,5 @@
 // pybind11 module zfkernels._C: raw pointers (as integers), shapes and thread counts in; kernels allocate
-// nothing. The one allocator is the output cache, handed to torch as DLPack capsules.
+// nothing (outputs are torch tensors, allocated by the Python layer).
 // The Python layer (zfkernels/_extension.py) validates every argument before calling in.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -8,7 +8,6 @@
 #include <utility>
 
 #include "cpu/ops.h"
-#include "cpu/output_cache.h"
 
 namespace py = pybind11;
 using zfk::ConvTransposeGeometry;
@@ -32,63 +31,6 @@ PoolGeometry pool_geometry(const std::array<int64_t, 4>& sizes, const Six& param
 // (in_h, in_w, out_h, out_w), (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
 ConvTransposeGeometry conv_geometry(const std::array<int64_t, 4>& sizes, const std::array<int64_t, 8>& p) {
   return {sizes[0], sizes[1], sizes[2], sizes[3], p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]};
-}
-
-// The DLPack ABI (dlpack.h, v0.8): enough to hand torch a CPU byte buffer with our deleter.
-struct DLDevice { int32_t device_type; int32_t device_id; };
-struct DLDataType { uint8_t code; uint8_t bits; uint16_t lanes; };
-struct DLTensor {
-  void* data; DLDevice device; int32_t ndim; DLDataType dtype; int64_t* shape; int64_t* strides; uint64_t byte_offset;
-};
-struct DLManagedTensor { DLTensor dl_tensor; void* manager_ctx; void (*deleter)(DLManagedTensor*); };
-constexpr int32_t kDLCPU = 1;
-constexpr uint8_t kDLUInt = 1;
-
-struct CachedBuffer {
-  DLManagedTensor managed;
-  int64_t shape[1];
-};
-
-void release_buffer(DLManagedTensor* self) {
-  auto* buffer = static_cast<CachedBuffer*>(self->manager_ctx);
-  zfk::cpu::cache_release(self->dl_tensor.data);
-  delete buffer;
-}
-
-void destroy_capsule(PyObject* capsule) {
-  // Still named "dltensor": torch never took ownership (it renames consumed capsules), so free it here.
-  if (PyCapsule_IsValid(capsule, "dltensor")) {
-    auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
-    managed->deleter(managed);
-  }
-}
-
-// A 1-D uint8 DLPack capsule of `nbytes` from the output cache; torch.from_dlpack takes ownership.
-py::object cached_bytes(int64_t nbytes) {
-  if (nbytes <= 0) throw std::invalid_argument("zfkernels: cached_bytes needs nbytes > 0");
-  void* data = zfk::cpu::cache_allocate(static_cast<size_t>(nbytes));
-  if (data == nullptr) throw std::bad_alloc();
-  auto* buffer = new CachedBuffer{};
-  buffer->shape[0] = nbytes;
-  buffer->managed.dl_tensor = {data, {kDLCPU, 0}, 1, {kDLUInt, 8, 1}, buffer->shape, nullptr, 0};
-  buffer->managed.manager_ctx = buffer;
-  buffer->managed.deleter = release_buffer;
-  PyObject* capsule = PyCapsule_New(&buffer->managed, "dltensor", destroy_capsule);
-  if (capsule == nullptr) {
-    release_buffer(&buffer->managed);
-    throw py::error_already_set();
-  }
-  return py::reinterpret_steal<py::object>(capsule);
-}
-
-py::dict output_cache_stats() {
-  const zfk::cpu::CacheStats stats = zfk::cpu::cache_stats();
-  py::dict out;
-  out["in_use"] = stats.in_use;
-  out["peak_in_use"] = stats.peak_in_use;
-  out["idle"] = stats.idle;
-  out["limit"] = stats.limit;
-  return out;
 }
 
 }  // namespace
@@ -188,8 +130,4 @@ PYBIND11_MODULE(_C, m) {
               relu, force_elements, threads);
         },
         release);
-  m.def("cached_bytes", &cached_bytes);
-  m.def("output_cache_stats", &output_cache_stats);
-  m.def("reset_output_cache_peak", &zfk::cpu::reset_cache_peak);
-  m.def("set_output_cache_limit", [](int64_t bytes) { zfk::cpu::set_cache_limit(static_cast<size_t>(bytes)); });
 }
