@@ -24,6 +24,7 @@ class Difference:
     applies_to: str  # the upstream op / case
     zfkernels_does: str  # what the tests assert instead of torch's (or captum's) result
     reason: str  # why: one line, for users
+    asserted_in: str = ""  # the test that asserts it, where not tests/test_upstream_*.py
 
 
 DIFFERENCES: dict[str, Difference] = {
@@ -114,12 +115,12 @@ DIFFERENCES: dict[str, Difference] = {
         Difference(
             "captum.skip_connection",
             "captum Deconvolution / GuidedBackprop on a model where a ReLU's input also feeds another path "
-            "(a pre-activation residual block); asserted by tests/test_patching.py::"
-            "test_preactivation_residual_captum_is_wrong_our_mode_is_not",
+            "(a pre-activation residual block; none of captum's own test models has one)",
             "the skip path's gradient is added unchanged to the ReLU path's rectified gradient (autograd "
             "through the rule-carrying ReLU)",
-            "captum's module hook rewrites the whole gradient of the ReLU's input, dropping the skip "
-            "path's share of it",
+            "captum's hook sits on the ReLU's input tensor, so it rewrites that tensor's whole gradient, "
+            "the skip path's share included",
+            asserted_in="tests/test_patching.py::test_preactivation_residual_captum_is_wrong_our_mode_is_not",
         ),
     ]
 }
