@@ -463,16 +463,24 @@ def nonfinite_differ(ours, theirs, label: str) -> str | None:
 
 
 def check_conv_transpose(x, weight, bias, kwargs, label: str) -> list[str | None]:
-    """The tolerances of tests/test_conv_transpose.py's check_conv; NaN/inf positions must be torch's."""
     ours = zk.conv_transpose2d(x, weight, bias, **kwargs)
     theirs = F.conv_transpose2d(x, weight, bias, **kwargs)
     wide = F.conv_transpose2d(x.double(), weight.double(), None if bias is None else bias.double(), **kwargs)
+    return conv_problems(ours, theirs, wide, label)
+
+
+def conv_problems(ours, theirs, wide, label: str) -> list[str | None]:
+    """The tolerances of tests/test_conv_transpose.py's check_conv against torch's result `theirs` and a
+    float64 computation `wide`; NaN and infinities exactly where torch has them."""
     finite = wide.isfinite()
     scale = max(1.0, wide[finite].abs().max().item()) if finite.any() else 1.0
-    problems = [nonfinite_differ(ours, theirs, label)]
-    if x.dtype == torch.float64:
+    nonfinite = nonfinite_differ(ours, theirs, label)
+    if nonfinite:
+        return [nonfinite]  # the closeness checks would only repeat it
+    problems = []
+    if ours.dtype == torch.float64:
         problems.append(not_close(ours, theirs, label, 1e-10, 1e-10 * scale))
-    elif x.dtype == torch.float32:
+    elif ours.dtype == torch.float32:
         problems.append(not_close(ours, theirs, label, 1e-4, 1e-5 * scale))
         problems.append(not_close(ours, wide.float(), f"{label} vs float64", 1e-4, 1e-5 * scale))
     else:  # flash-attention's rule: at most twice torch's own error against the float64 computation
@@ -535,6 +543,61 @@ def test_conv_transpose2d_backward_float64(backend):
                     for name, g, w in zip(("input", "weight", "bias"), grads, want_grads, strict=False)
                 ),
             )
+    findings.finish()
+
+
+# ================================================================================ unpool_conv_transpose2d
+# (out channels, stride, padding, output_padding) of the transposed conv composed with each unpool sample:
+# up to 4 output channels (an RGB first layer) and more take different CPU kernels
+FUSED_CONVS = ((3, 1, 0, 0), (8, 2, 1, 1))
+
+
+def check_fused(values, indices, weight, kwargs, conv, label: str) -> list[str | None]:
+    """The fused deconvnet step against torch's three ops: relu(unpool (summing)) -> conv_transpose2d."""
+    stride, padding, output_padding = conv
+    ours = zk.unpool_conv_transpose2d(
+        values,
+        indices,
+        weight,
+        pool_kernel_size=kwargs["kernel_size"],
+        pool_stride=kwargs["stride"],
+        pool_padding=kwargs["padding"],
+        unpool_size=kwargs["output_size"],
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+    )
+    conv_kwargs = {"stride": stride, "padding": padding, "output_padding": output_padding}
+    unpooled = summing_oracle(values, indices, kwargs["output_size"])
+    theirs = F.conv_transpose2d(F.relu(unpooled), weight, **conv_kwargs)
+    unpooled_wide = summing_oracle(values.double(), indices, kwargs["output_size"])
+    wide = F.conv_transpose2d(F.relu(unpooled_wide), weight.double(), **conv_kwargs)
+    return conv_problems(ours, theirs, wide, label)
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+def test_unpool_conv_transpose2d_on_unpool_samples(backend, dtype):
+    """Not an OpInfo of its own: the fused op on every max_unpool2d sample (torch's int64 indices), each
+    composed with a transposed conv, against F.relu -> summing unpool -> F.conv_transpose2d, at
+    conv_transpose2d's tolerances; with a NaN and both infinities among the values, or in the weight,
+    NaN/inf exactly where torch's composition has them. Every 2nd sample (triton: every 48th)."""
+    findings = Findings(f"unpool_conv_transpose2d {backend} {dtype_id(dtype)}")
+    every = 48 if backend == "triton" else 2  # an add-on to the upstream suite: kept to ~1/6 of its time
+    with zk.use_backend(backend):
+        for index, sample in list(enumerate(samples(MAX_UNPOOL, dtype)))[::every]:
+            values, (indices,), kwargs = sample.input, sample.args, sample.kwargs
+            problems = []
+            for out_channels, *conv in FUSED_CONVS:
+                weight = seeded_like(torch.empty(values.shape[1], out_channels, 3, 3, dtype=dtype), index)
+                name = f"{out_channels} out channels"
+                problems += check_fused(values, indices, weight, kwargs, conv, name)
+                problems += check_fused(
+                    with_extremes(values), indices, weight, kwargs, conv, f"{name}, extremal values"
+                )
+                problems += check_fused(
+                    values, indices, with_extremes(weight), kwargs, conv, f"{name}, extremal weight"
+                )
+            findings.sample(describe_sample(index, sample), *problems)
     findings.finish()
 
 
