@@ -10,7 +10,7 @@ An expected difference is never a skip: where one applies, the tests assert what
 (the `zfkernels_does` column), and they look the entry up by its key here, so an unlisted difference fails
 and a listed one is exercised. Anything that differs and is not listed here is a bug.
 
-The README quotes `DIFFERENCES` (`python -m tests.upstream_differences` prints it as a markdown table).
+The README quotes `DIFFERENCES` (`python tests/upstream_differences.py` prints it as a markdown table).
 """
 
 from __future__ import annotations
