@@ -125,3 +125,10 @@ def test_switches_to_indices_input_size_is_checked():
         zfkernels.switches_to_indices(switches, (0, 4), 2)
     with pytest.raises(TypeError, match="input_size must be a sequence ending in"):
         zfkernels.switches_to_indices(switches, 4, 2)
+
+
+# ---------------------------------------------------------------------------------- any rank for ReLU
+def test_relu_takes_any_rank_like_torch(backend, gen):
+    x = torch.randn([2] * 10, generator=gen)  # it once refused more than 8 dimensions
+    assert torch.equal(zfkernels.relu(x), torch.relu(x))
+    assert torch.equal(zfkernels.relu(x, backward="guided"), torch.relu(x))

@@ -11,9 +11,6 @@ from .. import ops
 from ..ops._checks import FLOAT_DTYPES
 from ..ops.reference import RULES
 
-# The most dimensions zfkernels.relu takes (torch.relu takes any).
-_RELU_MAX_DIM = 8
-
 
 class MaxPool2dSwitches(torch.nn.Module):
     """``nn.MaxPool2d`` that returns ``(values, switches)``; ``relu=True`` fuses a preceding ReLU."""
@@ -71,7 +68,7 @@ class MaxUnpool2d(torch.nn.Module):
 class ReLU(torch.nn.Module):
     """``nn.ReLU`` with a gradient rule: "standard", "deconvnet" or "guided".
 
-    Inputs zfkernels.relu does not take (integer, bool or complex dtypes, more than 8 dimensions) run
+    Inputs zfkernels.relu does not take (integer, bool or complex dtypes) run
     ``torch.relu`` as ``nn.ReLU`` does: the same result, or the same error (none of them has a gradient for
     a rule to change).
     """
@@ -129,8 +126,8 @@ class ConvTranspose2d(torch.nn.ConvTranspose2d):
 
 
 def _relu_takes(input: object) -> bool:
-    """Whether ``zfkernels.relu`` takes ``input`` (a float tensor of at most 8 dimensions)."""
-    return isinstance(input, Tensor) and input.dtype in FLOAT_DTYPES and input.dim() <= _RELU_MAX_DIM
+    """Whether ``zfkernels.relu`` takes ``input`` (a float tensor)."""
+    return isinstance(input, Tensor) and input.dtype in FLOAT_DTYPES
 
 
 __all__ = ["ConvTranspose2d", "MaxPool2dSwitches", "MaxUnpool2d", "ReLU"]

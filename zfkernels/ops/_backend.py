@@ -215,35 +215,42 @@ def _install_autograd(custom_op, backward: Callable, setup_context: Callable, jv
         with torch._C._AutoDispatchBelowAutograd():
             return overload.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
-    class Formulas(torch.autograd.Function):
-        @staticmethod
-        def forward(keyset, *args):
-            return below_autograd(keyset, args)
+    def forward(keyset, *args):
+        return below_autograd(keyset, args)
 
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            setup_context(ctx, inputs[1:], output)
-            if forward_ad._current_level >= 0:  # what the forward-mode formula reads
-                outputs = output if isinstance(output, tuple) else (output,)
-                ctx.save_for_forward(*[a for a in inputs[1:] if isinstance(a, torch.Tensor)], *outputs)
-                ctx.jvp_arguments = [_SAVED if isinstance(a, torch.Tensor) else a for a in inputs[1:]]
+    def setup_formulas(ctx, inputs, output):
+        setup_context(ctx, inputs[1:], output)
+        if forward_ad._current_level >= 0:  # what the forward-mode formula reads
+            outputs = output if isinstance(output, tuple) else (output,)
+            ctx.save_for_forward(*[a for a in inputs[1:] if isinstance(a, torch.Tensor)], *outputs)
+            ctx.jvp_arguments = [_SAVED if isinstance(a, torch.Tensor) else a for a in inputs[1:]]
 
-        @staticmethod
-        def backward(ctx, *grads):
-            needs_input_grad = ctx.needs_input_grad
-            ctx.needs_input_grad = needs_input_grad[1:]  # as the op's inputs, without the keyset
-            try:
-                grad_inputs = backward(ctx, *grads)
-            finally:
-                ctx.needs_input_grad = needs_input_grad
-            return (None, *(grad_inputs if isinstance(grad_inputs, tuple) else (grad_inputs,)))
+    def backward_formula(ctx, *grads):
+        needs_input_grad = ctx.needs_input_grad
+        ctx.needs_input_grad = needs_input_grad[1:]  # as the op's inputs, without the keyset
+        try:
+            grad_inputs = backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = needs_input_grad
+        return (None, *(grad_inputs if isinstance(grad_inputs, tuple) else (grad_inputs,)))
 
-        @staticmethod
-        def jvp(ctx, _keyset_tangent, *tangents):
-            saved = iter(ctx.saved_tensors)
-            primals = [next(saved) if a is _SAVED else a for a in ctx.jvp_arguments]
-            outputs = tuple(saved)
-            return jvp(primals, outputs if len(outputs) > 1 else outputs[0], tangents)
+    def jvp_formula(ctx, _keyset_tangent, *tangents):
+        saved = iter(ctx.saved_tensors)
+        primals = [next(saved) if a is _SAVED else a for a in ctx.jvp_arguments]
+        outputs = tuple(saved)
+        return jvp(primals, outputs if len(outputs) > 1 else outputs[0], tangents)
+
+    # Named after the op, so autograd graphs read "zfkernels_reluBackward" (the name is fixed at creation).
+    formulas = type(
+        name.replace("::", "_"),
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_formulas),
+            "backward": staticmethod(backward_formula),
+            "jvp": staticmethod(jvp_formula),
+        },
+    )
 
     def autograd_kernel(keyset, *args):
         functorch = torch._C._are_functorch_transforms_active()
@@ -270,7 +277,7 @@ def _install_autograd(custom_op, backward: Callable, setup_context: Callable, jv
         if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or (
             forward_ad._current_level >= 0 and any(_tangent(a) is not None for a in args)
         ):
-            return Formulas.apply(keyset, *args)
+            return formulas.apply(keyset, *args)
         return below_autograd(keyset, args)
 
     custom_op._lib.impl(custom_op._name, autograd_kernel, "Autograd", with_keyset=True)

@@ -87,11 +87,12 @@ def switch_dtype(kernel: Pair) -> torch.dtype:
 
 
 def check_tensor(
-    tensor, name: str, dims: tuple[int, ...], dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+    tensor, name: str, dims: tuple[int, ...] | None, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
 ) -> None:
+    """`tensor` is a tensor with one of `dims` dimensions (None: any number) and one of `dtypes`."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dim() not in dims:
+    if dims is not None and tensor.dim() not in dims:
         wanted = " or ".join(f"{d}-D" for d in dims)
         raise ValueError(f"{name} must be {wanted}, got shape {tuple(tensor.shape)}")
     if tensor.dtype not in dtypes:
