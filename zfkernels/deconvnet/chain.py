@@ -1,11 +1,13 @@
 """The chain of layers from a model's input to one of its layers, read from the model, and its forward pass.
 
 A deconvnet can project an activation back to the pixels only through layers it can invert: convolutions
-(transposed conv with the same weights), ReLUs (ReLU of the backward signal) and max-pools (unpool with
-the switches recorded on the way up). Normalization, batch-norm, dropout and identity layers are run on
-the way up but skipped on the way down, as in Zeiler & Fergus (2013): their backward is taken as the
-identity, which for batch-norm and LRN is not their gradient. Anything else on the path (an
-average pool, a residual add, a concatenation, a grouped or dilated conv) makes the layer unprojectable.
+(transposed conv with the same weights), ReLUs (ReLU of the backward signal), max-pools (unpool with
+the switches recorded on the way up) and eval-mode batch-norm, which is affine (``a * x + b`` per channel)
+and so goes down as its transpose, a per-channel scale by ``a``. Local response normalization is run on the
+way up but skipped on the way down, as in Zeiler & Fergus (2013) (its backward taken as the identity,
+which is not its gradient); dropout (off in eval mode) and ``nn.Identity`` are the identity both ways.
+Anything else on the path (an average pool, a residual add, a concatenation, a grouped or dilated conv)
+ends the chain: such layers take the gradient path (``gradient.py``) instead.
 
 The path is read with ``torch.fx`` symbolic tracing, so it follows the model's ``forward`` (functional
 ``F.relu`` calls included) rather than the order modules were registered in. Optional arguments of the
@@ -34,6 +36,7 @@ from .receptive_field import LayerGeometry, ReceptiveField, input_boxes, recepti
 Pair = tuple[int, int]
 
 __all__ = [
+    "BatchNorm",
     "Chain",
     "ChainForward",
     "Conv",
@@ -43,20 +46,23 @@ __all__ = [
     "Skip",
     "SUPPORTED_LAYERS",
     "check_against_model",
+    "forward_chains",
 ]
 
 SUPPORTED_LAYERS = (
     "nn.Conv2d (groups=1, dilation=1, padding_mode='zeros'); "
     "ReLU (nn.ReLU, zfkernels.nn.ReLU, F.relu, torch.relu, Tensor.relu, in place or not); "
     "max-pool (nn.MaxPool2d or F.max_pool2d with dilation=1, zfkernels.nn.MaxPool2dSwitches); "
-    "run on the way up but skipped in the projection: nn.LocalResponseNorm, nn.CrossMapLRN2d, "
-    "F.local_response_norm, nn.BatchNorm2d, nn.Dropout*, F.dropout*, nn.Identity"
+    "nn.BatchNorm2d / nn.SyncBatchNorm with running statistics (eval mode: affine, projected through its "
+    "transpose, a per-channel scale); run on the way up but skipped in the projection: "
+    "nn.LocalResponseNorm, nn.CrossMapLRN2d, F.local_response_norm; the identity both ways: nn.Dropout*, "
+    "F.dropout*, nn.Identity"
 )
 
+_BATCH_NORM_MODULES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _SKIP_MODULES = (
     nn.LocalResponseNorm,
     nn.CrossMapLRN2d,
-    nn.BatchNorm2d,
     nn.Dropout,
     nn.Dropout1d,
     nn.Dropout2d,
@@ -67,7 +73,7 @@ _SKIP_MODULES = (
 )
 _RELU_MODULES = (nn.ReLU, znn.ReLU)
 _POOL_MODULES = (nn.MaxPool2d, znn.MaxPool2dSwitches)
-_KNOWN_MODULES = (nn.Conv2d, *_RELU_MODULES, *_POOL_MODULES, *_SKIP_MODULES)
+_KNOWN_MODULES = (nn.Conv2d, *_RELU_MODULES, *_POOL_MODULES, *_BATCH_NORM_MODULES, *_SKIP_MODULES)
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
 _DROPOUT_FUNCTIONS = (
@@ -153,8 +159,35 @@ class MaxPool:
 
 
 @dataclass(frozen=True, eq=False)
+class BatchNorm:
+    """Eval-mode batch-norm, ``y = a * x + b`` per channel: its transpose, times ``a``, on the way down.
+
+    ``a = weight / sqrt(running_var + eps)`` (``1 / sqrt(running_var + eps)`` without affine parameters)."""
+
+    name: str
+    module: nn.modules.batchnorm._BatchNorm
+    geometry: LayerGeometry = field(default_factory=LayerGeometry)
+
+    def output_size(self, size: Pair) -> Pair:
+        return size
+
+    def forward(self, x: Tensor) -> Tensor:
+        # From the parameters, as Conv.forward: a subclass that does something else fails the check.
+        module = self.module
+        return F.batch_norm(
+            x, module.running_mean, module.running_var, module.weight, module.bias, False, 0.0, module.eps
+        )
+
+    def scale(self, dtype: torch.dtype) -> Tensor:
+        """``a``, the per-channel factor (C,), in ``dtype``: as batch-norm's own backward forms it."""
+        module = self.module
+        scale = torch.rsqrt(module.running_var.detach().to(dtype) + module.eps)
+        return scale if module.weight is None else module.weight.detach().to(dtype) * scale
+
+
+@dataclass(frozen=True, eq=False)
 class Skip:
-    """A pointwise layer run on the way up and skipped on the way down (normalization, dropout...)."""
+    """A pointwise layer run on the way up and skipped on the way down (LRN; dropout and identity)."""
 
     name: str
     forward: Callable[[Tensor], Tensor]
@@ -164,7 +197,7 @@ class Skip:
         return size
 
 
-ChainOp = Conv | ReLU | MaxPool | Skip
+ChainOp = Conv | ReLU | MaxPool | BatchNorm | Skip
 
 
 @dataclass(frozen=True)
@@ -274,6 +307,53 @@ class Chain:
         return ChainForward(activation=x, switches=switches, sizes=sizes)
 
 
+def forward_chains(chains: Sequence[Chain], images: Tensor) -> dict[str, ChainForward]:
+    """Run several chains of one model on ``images``, each op once: a prefix shared by chains runs once.
+
+    The chains of a model's layers share their beginnings (AlexNet's conv5 chain holds conv1..conv4's), so
+    this is one forward up to the deepest layer, not one per layer. Each chain's record (activation and
+    switches) equals its own :meth:`Chain.forward`, bit for bit: a ReLU runs fused into the pool after it
+    except where another chain needs its output (which is then relu'd on its own; both are exact).
+    """
+    names = [tuple(op.name for op in chain.ops) for chain in chains]
+    # The states kept: every chain's end and every point where two chains part.
+    kept: set[tuple[str, ...]] = set(names)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            common = 0
+            while common < min(len(first), len(second)) and first[common] == second[common]:
+                common += 1
+            kept.add(first[:common])
+    states: dict[tuple[str, ...], Tensor] = {(): images}
+    switches: dict[tuple[str, ...], Tensor] = {}  # pool's prefix (up to and with the pool) -> switches
+    records: dict[str, ChainForward] = {}
+    with torch.no_grad():
+        for chain, key in sorted(zip(chains, names, strict=True), key=lambda item: item[1]):
+            sizes = chain.sizes((images.shape[-2], images.shape[-1]))
+            start = max((n for n in range(len(key) + 1) if key[:n] in states), default=0)
+            x, pending_relu = states[key[:start]], False
+            for index in range(start, len(key)):
+                op = chain.ops[index]
+                if isinstance(op, ReLU):
+                    following = chain.ops[index + 1] if index + 1 < len(key) else None
+                    if isinstance(following, MaxPool) and key[: index + 1] not in kept:
+                        pending_relu = True  # fused into the pool that follows
+                    else:
+                        x = ops.relu(x)
+                elif isinstance(op, MaxPool):
+                    x, switches[key[: index + 1]] = ops.max_pool2d_switches(
+                        x, op.kernel, op.stride, op.padding, op.ceil_mode, relu=op.relu or pending_relu
+                    )
+                    pending_relu = False
+                else:
+                    x = op.forward(x)
+                if key[: index + 1] in kept:
+                    states[key[: index + 1]] = x
+            own = {i: switches[key[: i + 1]] for i, op in enumerate(chain.ops) if isinstance(op, MaxPool)}
+            records[chain.layer] = ChainForward(activation=x, switches=own, sizes=sizes)
+    return records
+
+
 # --------------------------------------------------------------------------------------- classification
 def _sentence(text: str) -> str:
     """``text`` ending in exactly one full stop, so messages can be joined sentence after sentence."""
@@ -333,6 +413,16 @@ def _module_op(name: str, module: nn.Module, layer: str) -> ChainOp:
         return _pool_op(
             name, layer, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode
         )
+    if isinstance(module, _BATCH_NORM_MODULES):
+        if module.running_mean is None or module.running_var is None:
+            raise _unsupported(
+                layer,
+                what,
+                "it has no running statistics (track_running_stats=False), so even in eval mode it "
+                "normalizes each batch by the batch's own statistics and one image's projection would "
+                "depend on the other images",
+            )
+        return BatchNorm(name, module)
     if isinstance(module, (nn.modules.dropout._DropoutNd, nn.Identity)):
         return Skip(name, _identity)  # the deconvnet sees the model as at test time: dropout off
     if isinstance(module, _SKIP_MODULES):
@@ -345,10 +435,31 @@ def _identity(x: Tensor) -> Tensor:
 
 
 class _Tracer(fx.Tracer):
-    """fx tracer that keeps every layer the chain knows as one node (zfkernels.nn modules included)."""
+    """fx tracer that keeps every layer the chain knows as one node (zfkernels.nn modules included), and
+    counts the calls of every module, leaf or not (a layer called twice cannot be named by its module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.call_counts: dict[str, int] = {}
+        self.outputs: dict[str, fx.Node] = {}  # the node each module's (first) call returns
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, _KNOWN_MODULES) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., object], args: object, kwargs: object
+    ) -> object:
+        try:
+            name = self.path_of_module(m)
+        except NameError:  # not a submodule of the root: fx raises its own error below
+            name = None
+        result = super().call_module(m, forward, args, kwargs)
+        if name is not None:
+            self.call_counts[name] = self.call_counts.get(name, 0) + 1
+            first = result[0] if isinstance(result, (tuple, list)) and result else result
+            if isinstance(first, fx.Proxy):
+                self.outputs.setdefault(name, first.node)
+        return result
 
 
 def _bound_defaults(model: nn.Module) -> dict[str, object]:
@@ -364,10 +475,13 @@ def _bound_defaults(model: nn.Module) -> dict[str, object]:
     return {p.name: p.default for p in parameters[2:] if p.kind in optional and p.default is not p.empty}
 
 
-def _trace(model: nn.Module) -> fx.Graph:
+def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, int], dict[str, fx.Node]]:
+    """The forward's graph, how many times it calls each module, and the node each module returns."""
+    tracer = _Tracer()
     with warnings.catch_warnings():  # a tensor default cannot get fx's guard; the check_against_model does
         warnings.filterwarnings("ignore", message="Was not able to add assertion", category=UserWarning)
-        return _Tracer().trace(model, concrete_args=_bound_defaults(model) or None)
+        graph = tracer.trace(model, concrete_args=_bound_defaults(model) or None)
+    return graph, tracer.call_counts, tracer.outputs
 
 
 def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -456,8 +570,12 @@ class LayerChains:
         self.model = model
         self.modules = dict(model.named_modules())
         self._cache: dict[str, Chain | ValueError] = {}
+        # Calls per module name in the traced forward (containers included); None when untraced.
+        self.call_counts: dict[str, int] | None = None
+        self.module_outputs: dict[str, fx.Node] = {}  # module name -> the graph node its call returns
         try:
-            self.graph: fx.Graph | None = _trace(model)
+            self.graph: fx.Graph | None
+            self.graph, self.call_counts, self.module_outputs = _trace(model)
             self.trace_error: Exception | None = None
         except Exception as error:  # noqa: BLE001  (any tracing failure means: fall back to module order)
             self.graph, self.trace_error = None, error
