@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from conftest import (
     max_abs_error,
     tied,
 )
+from test_max_unpool import SMALL_MEMORY, peak_rss_growth
 from torch.autograd import gradcheck, gradgradcheck
 
 import zfkernels as zk
@@ -367,3 +370,27 @@ def test_reference_module_matches_public_function(gen):
     )
     unpooled = reference.max_unpool2d(values, switches, (3, 3), (2, 2), (0, 0), (13, 13), True)
     assert torch.equal(out, F.conv_transpose2d(unpooled, weight, None, 1, 1, 0))
+
+
+def test_huge_pool_window_over_tiny_input(backend):
+    # Issue 12's window-sized scratch, through the fused op: 1 x 2**27 windows (the cpu decode table) and
+    # 1 x 2**20 windows at stride 1 (the triton kernel unrolled ceil(kernel / stride) windows per element).
+    weight = torch.full((1, 2, 1, 1), 2.0)
+    for window, stride, values, switches in (
+        (2**27, None, [[[[3.0]]]], [[[[2**26]]]]),
+        (2**20, 1, [[[[2.0, 3.0]]]], [[[[2**19, 2**19 - 1]]]]),
+    ):
+        values, switches = torch.tensor(values), torch.tensor(switches, dtype=torch.int32)
+        call = functools.partial(
+            zk.unpool_conv_transpose2d,
+            values,
+            switches,
+            weight,
+            pool_kernel_size=(1, window),
+            pool_stride=stride,
+            pool_padding=(0, window // 2),
+            unpool_size=(1, 1),
+        )
+        out, growth = peak_rss_growth(call)
+        assert growth < SMALL_MEMORY, f"{growth / 2**20:.0f} MiB for a 1x1 input"
+        assert torch.equal(out, torch.full((1, 2, 1, 1), 2.0 * values.sum().item())), out

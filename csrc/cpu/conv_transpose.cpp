@@ -34,14 +34,15 @@ ZFK_VECTORIZED void direct_image(const T* input, const T* weights, const T* bias
   struct Tap {
     int64_t k, offset;
   };
-  std::vector<std::vector<Tap>> row_taps(g.out_h), column_taps(g.stride_w);
+  // Residues past the output's width have no columns: a stride wider than the output sizes nothing here.
+  std::vector<std::vector<Tap>> row_taps(g.out_h), column_taps(std::min(g.stride_w, g.out_w));
   for (int64_t oy = 0; oy < g.out_h; ++oy) {
     for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
       const int64_t ty = oy + g.pad_h - kh;
       if (ty >= 0 && ty % g.stride_h == 0 && ty / g.stride_h < g.in_h) row_taps[oy].push_back({kh, ty / g.stride_h});
     }
   }
-  for (int64_t r = 0; r < g.stride_w; ++r) {
+  for (int64_t r = 0; r < int64_t(column_taps.size()); ++r) {
     for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
       const int64_t tx = r + g.pad_w - kw;  // ix = m + tx / stride when divisible
       const int64_t shift = tx >= 0 ? tx / g.stride_w : -((-tx) / g.stride_w);

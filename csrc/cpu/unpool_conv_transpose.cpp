@@ -225,7 +225,7 @@ int64_t launch_rows(const void* values, const void* switches, const void* weight
         row_weights[(ci * padded_rows + r) * kRow + kw] = load(w + (ci * rows + r) * g.kernel_w + kw);
   const int64_t pooled = pool.out_h * pool.out_w, out_image = out_channels * g.out_h * g.out_w;
   std::vector<int64_t> invalid(std::max<int64_t>(batch, 1), 0);
-  const SwitchDecoder<S> decoder(pool);
+  const SwitchDecoder<S> decoder(pool, batch * in_channels * pooled);
   parallel_for(batch, num_threads, out_image * in_channels, [&](int64_t begin, int64_t end) {
     SparseUnpooled<C> sparse;
     std::vector<C> frame(out_channels * frame_h * frame_w);
@@ -259,7 +259,7 @@ int64_t launch(const void* values, const void* switches, const void* weight, voi
 
   const int64_t pooled = pool.out_h * pool.out_w, out_image = out_channels * g.out_h * g.out_w;
   std::vector<int64_t> invalid(std::max<int64_t>(batch, 1), 0);
-  const SwitchDecoder<S> decoder(pool);
+  const SwitchDecoder<S> decoder(pool, batch * in_channels * pooled);
   parallel_for(batch, num_threads, out_image * in_channels, [&](int64_t begin, int64_t end) {
     SparseUnpooled<C> sparse;
     std::vector<C> pixels(g.out_h * g.out_w * out_padded);
@@ -298,7 +298,12 @@ int64_t unpool_conv_transpose2d(const void* values, const void* switches, const 
         invalid = launch_rows<T, S, decltype(row_vecs)::value>(values, switches, weight, output, batch, in_channels,
                                                                out_channels, pool, g, relu, num_threads);
       };
-      const bool narrow = out_channels <= 4 && g.dilation_h == 1 && g.dilation_w == 1;
+      // The rows path accumulates the uncropped result: not where the padding crops most of it away (a frame
+      // sized by the padding rather than by the output). Counted in double: no overflow for any geometry.
+      const double frame_h = double(g.in_h - 1) * double(g.stride_h) + double(g.kernel_h);
+      const double frame_w = double(g.in_w - 1) * double(g.stride_w) + double(4 * L);
+      const bool frame_fits = frame_h * frame_w <= 4.0 * double(g.out_h) * double(g.out_w) + double(1 << 16);
+      const bool narrow = out_channels <= 4 && g.dilation_h == 1 && g.dilation_w == 1 && frame_fits;
       if (narrow && g.kernel_w <= L) {
         run_rows(std::integral_constant<int, 1>{});
       } else if (narrow && g.kernel_w <= 2 * L) {

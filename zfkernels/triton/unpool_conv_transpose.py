@@ -24,6 +24,7 @@ from ._common import (
     backend_op,
     bf16_to_float,
     check_device,
+    check_window_fits_int32,
     float_to_bf16,
     is_tracing,
     raise_if_invalid,
@@ -315,6 +316,7 @@ def launch_unpool_conv_transpose2d(
     out_h = conv_transpose_size(unpool_size[0], kernel_h, stride[0], padding[0], output_padding[0], 1)
     out_w = conv_transpose_size(unpool_size[1], kernel_w, stride[1], padding[1], output_padding[1], 1)
     out = torch.empty((batch, out_channels, out_h, out_w), dtype=values.dtype, device=values.device)
+    check_window_fits_int32(pool_kernel, pool_stride, pool_padding)
     if values.numel() and not is_tracing(values):
         _count_invalid_switches(switches, pool_kernel, pool_stride, pool_padding, unpool_size)
     if out.numel() == 0:
@@ -359,8 +361,10 @@ def launch_unpool_conv_transpose2d(
         *padding,
         RELU=relu,
         FLAT=switches.dtype == torch.int64,
-        WINDOWS_H=triton.cdiv(pool_kernel[0], pool_stride[0]),  # windows covering one row, at most
-        WINDOWS_W=triton.cdiv(pool_kernel[1], pool_stride[1]),
+        # windows covering one row, at most: ceil(kernel / stride), and no more than there are (a huge
+        # window over a small map would unroll its size)
+        WINDOWS_H=min(triton.cdiv(pool_kernel[0], pool_stride[0]), pooled_h),
+        WINDOWS_W=min(triton.cdiv(pool_kernel[1], pool_stride[1]), pooled_w),
         SKIP_EMPTY=skip_empty,
         DTYPE=code,
         PRECISION=DOT_PRECISION[code],
