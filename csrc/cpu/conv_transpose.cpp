@@ -1,5 +1,6 @@
 // CPU launcher: direct transposed convolution for few output channels. Wider ones go to oneDNN through torch.
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -82,17 +83,26 @@ ZFK_VECTORIZED void direct_image(const T* input, const T* weights, const T* bias
   }
 }
 
+// Returns false, having written nothing, when the weight holds a NaN or an infinity: the zero halo times
+// such a weight would be NaN where torch forms no product at all, so the caller runs the exact (torch) path.
 template <int kOut, typename T>
-void direct_launch(const T* input, const T* weight, const T* bias, T* output, int64_t batch, int64_t in_channels,
+bool direct_launch(const T* input, const T* weight, const T* bias, T* output, int64_t batch, int64_t in_channels,
                    const ConvTransposeGeometry& g, int num_threads) {
   // Accumulators, input vectors and one weight broadcast must fit the 16 vector registers.
   constexpr int L = Simd<T>::kLanes, kVecs = std::min(4, 15 / (kOut + 1)), kChunk = kVecs * L;
   const int64_t taps = g.kernel_h * g.kernel_w;
   std::vector<T> weights(taps * in_channels * kOut * L);  // [tap][c][out][lane], each weight broadcast
-  for (int64_t c = 0; c < in_channels; ++c)
-    for (int o = 0; o < kOut; ++o)
-      for (int64_t k = 0; k < taps; ++k)
-        std::fill_n(weights.begin() + ((k * in_channels + c) * kOut + o) * L, L, weight[(c * kOut + o) * taps + k]);
+  bool finite = true;  // checked while copying: the copy reads every weight anyway
+  for (int64_t c = 0; c < in_channels; ++c) {
+    for (int o = 0; o < kOut; ++o) {
+      for (int64_t k = 0; k < taps; ++k) {
+        const T w = weight[(c * kOut + o) * taps + k];
+        finite &= std::isfinite(w);
+        std::fill_n(weights.begin() + ((k * in_channels + c) * kOut + o) * L, L, w);
+      }
+    }
+  }
+  if (!finite) return false;
   // Halo: the farthest input column a chunk reads left of 0 or right of in_w, plus a chunk of slack.
   const int64_t reach = (g.kernel_w + g.pad_w) / g.stride_w + 1;
   const int64_t halo = reach + 1, padded_w = halo + g.in_w + reach + kChunk + 1;
@@ -104,6 +114,7 @@ void direct_launch(const T* input, const T* weight, const T* bias, T* output, in
                                 row_out.data());
     }
   });
+  return true;
 }
 
 }  // namespace
@@ -113,13 +124,14 @@ bool conv_transpose2d_direct(const void* input, const void* weight, const void* 
                              int num_threads) {
   if (out_channels < 1 || out_channels > 4 || g.dilation_h != 1 || g.dilation_w != 1) return false;
   if (dtype != DType::Float32 && dtype != DType::Float64) return false;
+  bool ran = false;
   dispatch_dtype(dtype, [&](auto t) {
     using T = decltype(t);
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
       const auto run = [&](auto out) {
-        direct_launch<decltype(out)::value>(static_cast<const T*>(input), static_cast<const T*>(weight),
-                                           static_cast<const T*>(bias), static_cast<T*>(output), batch, in_channels,
-                                           g, num_threads);
+        ran = direct_launch<decltype(out)::value>(static_cast<const T*>(input), static_cast<const T*>(weight),
+                                                  static_cast<const T*>(bias), static_cast<T*>(output), batch,
+                                                  in_channels, g, num_threads);
       };
       switch (out_channels) {
         case 1: return run(std::integral_constant<int, 1>{});
@@ -129,7 +141,7 @@ bool conv_transpose2d_direct(const void* input, const void* weight, const void* 
       }
     }
   });
-  return true;
+  return ran;
 }
 
 // The CUDA kernels' algorithm on the CPU (test entry point, not a fast path): the tiled block algorithm of
