@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BACKENDS, assert_close_verbose, backend_outputs, max_abs_error
+from test_max_unpool import SMALL_MEMORY, peak_rss_growth
 from torch.autograd import gradcheck, gradgradcheck
 
 import zfkernels as zk
@@ -405,3 +406,15 @@ def test_nonfinite_propagate_as_torch(backend, dtype):
         expected = exact_conv_transpose2d(x, w, b, *args)
         label = f"case {i}: x {tuple(x.shape)} w {tuple(w.shape)} bias {b is not None} args {args}"
         assert_same_nonfinite(zk.conv_transpose2d(x, w, b, *args), expected, rtol, atol, label)
+
+
+def test_huge_stride_over_tiny_input(backend):
+    # Issue 12, item 3: the direct kernel's per-residue tap lists were sized by the stride (2**26: 1.5 GB
+    # for a 1x1 input whose output is the 2x2 kernel). Scratch must follow the input and output.
+    x, w = torch.full((1, 1, 1, 1), 3.0), torch.arange(4.0).view(1, 1, 2, 2)
+    out, growth = peak_rss_growth(lambda: zk.conv_transpose2d(x, w, stride=2**26))
+    if backend == "triton" and isinstance(out, ValueError):  # its grid has a program axis per phase
+        assert "stride" in str(out)
+        return
+    assert growth < SMALL_MEMORY, f"{growth / 2**20:.0f} MiB for a 1x1 input"
+    assert torch.equal(out, F.conv_transpose2d(x, w, stride=2**26)), out
