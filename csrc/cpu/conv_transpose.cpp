@@ -13,6 +13,22 @@ namespace zfk::cpu {
 
 namespace {
 
+template <typename T>
+ZFK_VECTORIZED bool finite_elements(const T* data, int64_t n) {
+  int bad = 0;  // or-ed flags, not a float sum: vectorizes without reassociating anything
+  if constexpr (std::is_same_v<T, Half> || std::is_same_v<T, BFloat16>) {
+    // Half types by their bits (no conversion): non-finite means an all-ones exponent.
+    constexpr uint16_t kExponent = std::is_same_v<T, Half> ? 0x7C00 : 0x7F80;
+    for (int64_t i = 0; i < n; ++i) bad |= int((data[i].bits & kExponent) == kExponent);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const T d = data[i] - data[i];  // 0 for a finite element, NaN otherwise
+      bad |= int(d != d);
+    }
+  }
+  return bad == 0;
+}
+
 // Direct transposed convolution for few output channels (ZFNet's layer 1 projects 96 maps to 3), where
 // a GEMM is all overhead. Output column ox = stride * m + r only meets kernel columns kw = r + pad (mod
 // stride), each reading input column m + d(kw): so for one output row and residue r, a vector over m
@@ -142,6 +158,12 @@ bool conv_transpose2d_direct(const void* input, const void* weight, const void* 
     }
   });
   return ran;
+}
+
+bool all_finite(const void* data, DType dtype, int64_t n) {
+  bool finite = true;
+  dispatch_dtype(dtype, [&](auto t) { finite = finite_elements(static_cast<const decltype(t)*>(data), n); });
+  return finite;
 }
 
 // The CUDA kernels' algorithm on the CPU (test entry point, not a fast path): the tiled block algorithm of

@@ -62,6 +62,9 @@ std::pair<int64_t, bool> unpool_conv_transpose2d(const void* values, const void*
                                                 void* output, DType dtype, SwitchType switch_type, int64_t batch,
                                                 int64_t in_channels, int64_t out_channels, const PoolGeometry& pool,
                                                 const ConvTransposeGeometry& g, bool relu, int num_threads);
+// Whether no element is NaN or infinite: one vectorized pass on the calling thread (torch's isfinite().all()
+// costs two passes, an allocation and, on a busy machine, OpenMP barrier waits).
+bool all_finite(const void* data, DType dtype, int64_t n);
 // Copies window i ([channels][window_h][window_w]) into image targets[i] ([channels][image_h][image_w]) at
 // row/col origins[2i], origins[2i + 1], clipped to the image; distinct targets (windows run in parallel).
 void paste_windows(const void* windows, void* images, const int64_t* targets, const int64_t* origins, DType dtype,

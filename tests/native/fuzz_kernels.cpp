@@ -36,6 +36,7 @@ template <typename T> void run(std::mt19937& rng, DType dt) {
       ConvTransposeGeometry cg{H, W, CH, CW, k2, k2, s2, s2, p2, p2, 1, 1};
       std::vector<T> w(planes * co * k2 * k2), o(co * CH * CW), b(co);
       for (auto& x : w) store(&x, rng() % 40 == 0 ? INFINITY : nd(rng));  // inf weights: the declining paths
+      cpu::all_finite(w.data(), dt, int64_t(w.size()));
       cpu::unpool_conv_transpose2d(vals.data(), swv.data(), w.data(), o.data(), dt, SwitchType::UInt8, 1, planes, co, g, cg, true, 2);
       if (co <= 4) {
         cpu::conv_transpose2d_direct(in.data(), w.data(), (rng() & 1) ? b.data() : nullptr, o.data(), dt, 1, planes, co, cg, 2);

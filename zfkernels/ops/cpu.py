@@ -125,6 +125,11 @@ def relu_backward(grad, output, rule: int):
 _DIRECT_MAX_OUT_CHANNELS = 4  # csrc/cpu/conv_transpose.cpp instantiates 1 to 4
 
 
+def _all_finite(tensor) -> bool:
+    t = tensor.contiguous()
+    return cpu_module.all_finite(t.data_ptr(), DTYPE_CODES[t.dtype], t.numel())
+
+
 def _conv_transpose2d_exact(
     input, weight, bias, stride: Pair, padding: Pair, output_padding: Pair, groups: int, dilation: Pair
 ):
@@ -177,7 +182,7 @@ def conv_transpose2d(
             return out  # the kernel declines (returns False) other dtypes, dilations, and NaN/inf weights
     args = (stride, padding, output_padding, groups, dilation)
     # One pass over the weight (a small fraction of the convolution's work) picks the exact path.
-    if input.dtype != torch.float64 and not bool(torch.isfinite(weight).all()):
+    if input.dtype != torch.float64 and not _all_finite(weight):
         return _conv_transpose2d_exact(input, weight, bias, *args)
     return reference.conv_transpose2d(input, weight, bias, *args)
 
