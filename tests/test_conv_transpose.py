@@ -291,9 +291,9 @@ def test_bad_inputs(backend, make, error, match):
 # space between strided inputs form none, so 0 * inf = NaN appears only where a real zero meets an infinity.
 # That is F.conv_transpose2d's float64 path (im2col + GEMM + col2im, the same as a loop over the products).
 # Its float32 path on CPU runs oneDNN, which in some geometries with a NaN/inf weight (mostly with
-# output_padding) also multiplies padding by it: NaN where no product exists, so it is not the oracle here.
+# output_padding) also multiplies padding by it: NaN where no product exists, so it is not the oracle here
+# (the reference backend computes such calls in float64 for that reason).
 NONFINITE_OUT_CHANNELS = (1, 2, 3, 4, 5, 6, 8, 17, 33)
-ONEDNN_SKIP = "F.conv_transpose2d below float64 runs oneDNN, which multiplies padding by NaN/inf weights"
 
 
 def exact_conv_transpose2d(x, w, b, *args):
@@ -394,8 +394,6 @@ def test_nonfinite_issue_example(backend):
 def test_nonfinite_propagate_as_torch(backend, dtype):
     """Fuzz: NaN and +/-inf at random in inputs and weights, output channels 1..6 and wider, strides 1-3,
     paddings, output_padding, groups and dilations; NaN and inf where torch has them, the rest allclose."""
-    if backend == "reference" and dtype == torch.float32:
-        pytest.skip(ONEDNN_SKIP)
     g = torch.Generator().manual_seed(12 + (dtype == torch.float64))
     cases = 9 if backend == "triton" else 72  # the interpreter costs ~30 ms a launch
     rtol, atol = nonfinite_tolerance(dtype)
@@ -424,8 +422,6 @@ def test_huge_stride_over_tiny_input(backend):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS)
 def test_nonfinite_low_precision(backend, dtype):
     # fp16/bf16 take the cpu backend's torch path, checked for NaN/inf weights by their bits.
-    if backend == "reference":
-        pytest.skip(ONEDNN_SKIP)
     g = torch.Generator().manual_seed(14 + (dtype == torch.bfloat16))
     for i in range(3 if backend == "triton" else 18):
         out_channels = NONFINITE_OUT_CHANNELS[i % len(NONFINITE_OUT_CHANNELS)]

@@ -17,7 +17,6 @@ from conftest import (
 )
 from test_conv_transpose import (
     NONFINITE_OUT_CHANNELS,
-    ONEDNN_SKIP,
     assert_same_nonfinite,
     exact_conv_transpose2d,
     nonfinite_tolerance,
@@ -478,8 +477,6 @@ def test_nonfinite_issue_example(backend):
 def test_nonfinite_propagate_as_torch(backend, dtype):
     """Fuzz: NaN and +/-inf at random in pooled values and weights, output channels 1..6 and wider (every
     path of the cpu kernel), strides 1-3, paddings, output_padding, relu or not, switches or indices."""
-    if backend == "reference" and dtype == torch.float32:
-        pytest.skip(ONEDNN_SKIP)
     g = torch.Generator().manual_seed(21 + (dtype == torch.float64))
     cases = 9 if backend == "triton" else 72  # the interpreter costs ~30 ms a launch
     rtol, atol = nonfinite_tolerance(dtype)
