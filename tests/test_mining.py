@@ -252,6 +252,8 @@ def test_bad_arguments_raise_clear_errors():
         mine(model, data, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
         mine(model, data, resume=True, progress=False)
+    with pytest.raises(ValueError, match="exclude each other"):
+        mine(model, data, resume=True, overwrite=True, checkpoint_dir="unused", progress=False)
 
 
 def test_item_that_is_not_an_image_tensor_names_the_index():

@@ -237,6 +237,8 @@ def prepare_output(
     for name, value in (("resume", resume), ("overwrite", overwrite)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {value!r}")
+    if resume and overwrite:
+        raise ValueError("resume=True and overwrite=True exclude each other: continue the run, or start over")
     if not isinstance(manifest, dict):
         raise TypeError(
             f"manifest must be a dict (a Mining's manifest or mining_identity()), "
@@ -512,7 +514,19 @@ class _Collate:
             else:
                 indices.append(index)
                 images.append(image)
-        return _Batch(indices, torch.stack(images) if images else None, skipped, len(items))
+        return _Batch(indices, _stack(images) if images else None, skipped, len(items))
+
+
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+def _stack(images: list[Tensor]) -> Tensor:
+    """``torch.stack(images)``; on CPU through numpy, one memcpy per image with no thread pool: torch's copy
+    runs a parallel region per image, and on a busy machine each waits for a descheduled thread (measured:
+    0.5 s instead of 15 ms for 64 ImageNet-sized images with 2 threads on a loaded 2-core VM)."""
+    if all(i.device.type == "cpu" and i.dtype in _NUMPY_DTYPES and not i.requires_grad for i in images):
+        return torch.from_numpy(np.stack([image.numpy() for image in images]))
+    return torch.stack(images)
 
 
 def _first_image(dataset: Dataset) -> tuple[int, Tensor]:
@@ -604,8 +618,7 @@ def mining_identity(
     ``prepare_output(out, mining_identity(...), resume=..., overwrite=...)`` before :func:`mine`. Runs the
     model on the dataset's first image once, to resolve the layers.
     """
-    length = _check_model_and_dataset(model, dataset)
-    del length
+    _check_model_and_dataset(model, dataset)
     requested = _normalize_layers(layers)
     k = _check_k(k)
     if requested is not None:
@@ -810,6 +823,8 @@ def mine(
     ):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {value!r}")
+    if resume and overwrite:
+        raise ValueError("resume=True and overwrite=True exclude each other: continue the run, or start over")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir (where the interrupted run wrote its checkpoints)")
     if requested is not None:
@@ -994,20 +1009,25 @@ def _mine_batch(
             f"layer(s) {', '.join(map(repr, missing))} were not called by the forward of this batch"
         )
     indices = torch.tensor(batch.indices, dtype=torch.int64, device=device)
+    merged: dict[str, TopK] = {}
+    nan_counts: dict[str, int] = {}
     for name in capture.names:
         values, where, width = capture.maxima[name]
         values = values.to(torch.float32).t()  # (C, B)
         nan = values.isnan()
         if nan.any():
-            state.nan_maxima[name] += int(nan.sum())
+            nan_counts[name] = state.nan_maxima[name] + int(nan.sum())
         positions = torch.stack((where // width, where % width), dim=-1).transpose(0, 1)  # (C, B, 2)
         table = tables[name]
-        tables[name] = _merge(
+        merged[name] = _merge(
             torch.cat((table.values, values), 1),
             torch.cat((table.images, indices.expand_as(values)), 1),
             torch.cat((table.positions, positions), 1),
             k,
         )
+    # All layers or none: an error half-way must not leave a checkpoint holding part of this batch.
+    tables.update(merged)
+    state.nan_maxima.update(nan_counts)
     capture.maxima.clear()
 
 
