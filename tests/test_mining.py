@@ -189,13 +189,48 @@ def test_nan_maxima_are_never_selected_and_counted():
 def test_float_model_matches_naive_loop_within_rounding():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(inplace=True), nn.Conv2d(6, 4, 3, stride=2))
-    data = TensorDataset(torch.randn(19, 3, 11, 11), torch.zeros(19))
+    data = TensorDataset(torch.randn(19, 3, 11, 14), torch.zeros(19))  # non-square maps
     expected, _ = naive_tables(model, data, ["0", "2"], 3)
     mined = mine(model, data, k=3, batch_size=8, progress=False)
     for layer, (values, images, positions) in expected.items():
         assert torch.equal(mined.tables[layer].images, images)
         assert torch.equal(mined.tables[layer].positions, positions)
         torch.testing.assert_close(mined.tables[layer].values, values, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_maps_match_naive_loop():
+    model = integer_model().to(memory_format=torch.channels_last)
+
+    class ChannelsLast(SyntheticImages):
+        def __getitem__(self, index):
+            image, label = super().__getitem__(index)
+            return image.unsqueeze(0).to(memory_format=torch.channels_last)[0], label
+
+    data = ChannelsLast(17)
+    expected, _ = naive_tables(model, data, LAYERS, K)
+    layouts = []
+    model[0].register_forward_hook(lambda module, inputs, output: layouts.append(output.is_contiguous()))
+    mined = mine(model, data, k=K, batch_size=5, progress=False)
+    assert layouts and not any(layouts), "the maps were contiguous: the channels_last path was not taken"
+    assert_tables_equal(mined, expected, "channels_last")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_position_search_paths_agree(channels_last):
+    """The numpy path (CPU float) and the torch paths (other dtypes, CUDA) find the same first maxima."""
+    from zfkernels.analysis.mining import _first_argmax
+
+    maps = torch.randint(-2, 3, (6, 5, 4, 7), generator=torch.Generator().manual_seed(0)).float()  # many ties
+    if channels_last:
+        maps = maps.to(memory_format=torch.channels_last)
+    rows = torch.tensor([0, 3, 7, 12, 29])
+    expected = []
+    for row in rows.tolist():
+        flat = maps[row // 5, row % 5].flatten().tolist()
+        first = flat.index(max(flat))
+        expected.append([first // 7, first % 7])
+    assert _first_argmax(maps, rows).tolist() == expected  # numpy
+    assert _first_argmax(maps.to(torch.bfloat16), rows).tolist() == expected  # torch (integers are exact)
 
 
 class Counting(nn.Module):

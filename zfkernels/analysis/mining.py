@@ -965,11 +965,17 @@ def mine(
 
 
 class _Capture:
-    """Forward hooks that reduce each requested layer's output to per-(image, filter) maxima at once."""
+    """Forward hooks that reduce each requested layer's output to per-(image, filter) maxima and positions.
+
+    Reduced in the hook, before a following in-place ReLU can overwrite the map, and so that no map outlives
+    its layer. ``thresholds[name]`` is each filter's k-th value in the table before this batch: only maxima
+    at or above it can enter the table, so only their positions are searched (see :func:`_maxima`).
+    """
 
     def __init__(self, names: list[str], stop_early: bool):
         self.names, self.stop_early = names, stop_early
-        self.maxima: dict[str, tuple[Tensor, Tensor, int]] = {}
+        self.thresholds: dict[str, Tensor] = {}
+        self.maxima: dict[str, tuple[Tensor, Tensor]] = {}
 
     def hook_for(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: object, output: object) -> None:
@@ -977,14 +983,48 @@ class _Capture:
                 raise ValueError(
                     f"layer {name!r} was called twice in one forward: which call to mine is ambiguous"
                 )
-            activation = _activation_of(output).detach()
-            # Reduced here, before a following in-place ReLU can overwrite the map; ties: first in row-major.
-            values, where = activation.flatten(2).max(dim=2)
-            self.maxima[name] = (values, where, activation.shape[-1])
+            self.maxima[name] = _maxima(_activation_of(output).detach(), self.thresholds[name])
             if self.stop_early and len(self.maxima) == len(self.names):
                 raise _StopForward
 
         return hook
+
+
+def _maxima(activation: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
+    """Per (image, filter) of a (B, C, H, W) map: the maximum (B, C) and its position (B, C, 2), the first
+    in row-major order; position (-1, -1) where the maximum is below ``threshold`` (C,) or NaN.
+
+    ``amax`` is a plain vectorized reduction, 3x faster than ``max(dim)`` with indices on AlexNet's conv1;
+    positions are then searched (``argmax``: the first maximum) only in the maps whose maximum can still enter
+    the table: after the first batches, a handful per batch.
+    """
+    batch, channels, height, width = activation.shape
+    values = activation.amax(dim=(2, 3))
+    positions = torch.full((batch * channels, 2), _EMPTY_IMAGE, dtype=torch.int64, device=activation.device)
+    # Compared as the table stores them (float32); NaN compares False: never a candidate.
+    rows = (values.to(torch.float32) >= threshold).flatten().nonzero().squeeze(1)
+    if rows.numel():
+        positions[rows] = _first_argmax(activation, rows)
+    return values, positions.view(batch, channels, 2)
+
+
+def _first_argmax(activation: Tensor, rows: Tensor) -> Tensor:
+    """(row, column) of the first maximum of maps ``rows`` (indices ``image * C + filter``) of a (B, C, H, W)
+    activation, as (len(rows), 2) int64."""
+    batch, channels, height, width = activation.shape
+    if activation.device.type == "cpu" and activation.dtype in _NUMPY_DTYPES:
+        # numpy, single-threaded: this is little work, and torch's thread pool makes each small op wait for
+        # a descheduled thread on a busy machine (index_select + argmax of 600 13x13 maps: 0.06 ms in numpy,
+        # 5-16 ms in torch with 2 threads on a loaded 2-core VM).
+        array = activation.numpy()
+        picked = rows.numpy()
+        maps = array[picked // channels, picked % channels].reshape(len(picked), height * width)
+        where = torch.from_numpy(maps.argmax(axis=1).astype(np.int64))  # argmax: the first maximum
+    elif activation.is_contiguous():
+        where = activation.view(batch * channels, height * width).index_select(0, rows).argmax(dim=1)
+    else:  # channels_last and other layouts: gather just these maps
+        where = activation[rows // channels, rows % channels].flatten(1).argmax(dim=1)
+    return torch.stack((where // width, where % width), dim=1)
 
 
 def _mine_batch(
@@ -999,6 +1039,7 @@ def _mine_batch(
 ) -> None:
     assert batch.images is not None
     capture.maxima.clear()
+    capture.thresholds = {name: tables[name].values[:, -1] for name in capture.names}
     try:
         model(batch.images.to(device, dtype, non_blocking=True))
     except _StopForward:
@@ -1012,12 +1053,12 @@ def _mine_batch(
     merged: dict[str, TopK] = {}
     nan_counts: dict[str, int] = {}
     for name in capture.names:
-        values, where, width = capture.maxima[name]
+        values, positions = capture.maxima[name]
         values = values.to(torch.float32).t()  # (C, B)
+        positions = positions.transpose(0, 1)  # (C, B, 2)
         nan = values.isnan()
         if nan.any():
             nan_counts[name] = state.nan_maxima[name] + int(nan.sum())
-        positions = torch.stack((where // width, where % width), dim=-1).transpose(0, 1)  # (C, B, 2)
         table = tables[name]
         merged[name] = _merge(
             torch.cat((table.values, values), 1),
@@ -1025,6 +1066,9 @@ def _mine_batch(
             torch.cat((table.positions, positions), 1),
             k,
         )
+        lost = (merged[name].images >= 0) & (merged[name].positions[..., 0] < 0)
+        if lost.any():  # cannot happen: an entry that can enter the table had its position searched
+            raise RuntimeError(f"internal error: layer {name!r} selected an entry without a position")
     # All layers or none: an error half-way must not leave a checkpoint holding part of this batch.
     tables.update(merged)
     state.nan_maxima.update(nan_counts)
