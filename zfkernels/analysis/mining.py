@@ -808,25 +808,9 @@ def mine(
     length = _check_model_and_dataset(model, dataset)
     requested = _normalize_layers(layers)
     k = _check_k(k)
-    for name, value, low in (
-        ("batch_size", batch_size, 1),
-        ("num_workers", num_workers, 0),
-        ("checkpoint_every", checkpoint_every, 1),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    for name, value in (
-        ("resume", resume),
-        ("overwrite", overwrite),
-        ("progress", progress),
-        ("stop_early", stop_early),
-    ):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {value!r}")
-    if resume and overwrite:
-        raise ValueError("resume=True and overwrite=True exclude each other: continue the run, or start over")
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir (where the interrupted run wrote its checkpoints)")
+    _check_run_arguments(
+        batch_size, num_workers, checkpoint_every, checkpoint_dir, resume, overwrite, progress, stop_early
+    )
     if requested is not None:
         _check_layer_names(model, requested)
     model_device, dtype = _model_device_and_dtype(model)
@@ -840,89 +824,38 @@ def mine(
     _, example = _first_image(dataset)
     layer_list = _probe_layers(model, requested, example.unsqueeze(0).to(device, dtype))
     identity = _identity(model, dataset, layer_list, k)
-    names = [layer.name for layer in layer_list]
-    shard_length = len(range(rank, length, world_size))
-
-    state = _RunState(nan_maxima=dict.fromkeys(names, 0))
-    tables = {layer.name: _empty_table(layer.channels, k, device) for layer in layer_list}
-    checkpoint = None
-    resumed = False
+    run = _Run(
+        identity=identity,
+        layers=layer_list,
+        k=k,
+        rank=rank,
+        world_size=world_size,
+        shard_length=len(range(rank, length, world_size)),
+        state=_RunState(nan_maxima=dict.fromkeys(identity["layers"], 0)),
+        tables={layer.name: _empty_table(layer.channels, k, device) for layer in layer_list},
+    )
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        checkpoint = checkpoint_path(checkpoint_dir, rank, world_size)
-        state, tables, resumed = _start_from_checkpoint(
-            checkpoint, identity, rank, world_size, shard_length, resume, overwrite, state, tables, device
-        )
+        run.checkpoint = checkpoint_path(checkpoint_dir, rank, world_size)
+        _start_from_checkpoint(run, resume, overwrite, device)
 
-    def save_checkpoint() -> None:
-        if checkpoint is not None:
-            _write_checkpoint(
-                checkpoint, _checkpoint_state(identity, layer_list, rank, world_size, state), tables
-            )
-
-    started = time.perf_counter()
-    done_at_start = state.done
-    if state.done < shard_length:
+    started, done_at_start = time.perf_counter(), run.state.done
+    if run.state.done < run.shard_length:
         loader = DataLoader(
             _Indexed(dataset),
             batch_size=batch_size,
-            sampler=ShardSampler(length, rank, world_size, start=state.done),
+            sampler=ShardSampler(length, rank, world_size, start=run.state.done),
             num_workers=num_workers,
             collate_fn=_Collate(dataset, tuple(example.shape)),
             pin_memory=device.type == "cuda",
         )
-        capture = _Capture(names, stop_early)
-        handles = [
-            dict(model.named_modules())[name].register_forward_hook(capture.hook_for(name)) for name in names
-        ]
-        last_checkpoint = state.done
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=shard_length,
-            initial=state.done,
-            unit="img",
-            desc="mining" if world_size == 1 else f"mining (rank 0 of {world_size})",
-            disable=not progress or rank != 0,
-            dynamic_ncols=True,
-        )
-        try:
-            with torch.no_grad(), _eval_mode(model):
-                for batch in loader:
-                    for skipped in batch.skipped:
-                        warnings.warn(
-                            f"skipped image {skipped['name']!r} (dataset index {skipped['index']}): "
-                            f"{skipped['reason']}",
-                            SkippedImageWarning,
-                            stacklevel=2,
-                        )
-                    if batch.images is not None:
-                        _mine_batch(model, batch, capture, tables, state, k, device, dtype)
-                    # Merged: only now does the batch count as done (a checkpoint never holds half of one).
-                    state.skipped.extend(batch.skipped)
-                    state.images_seen += len(batch.indices)
-                    state.done += batch.count
-                    bar.update(batch.count)
-                    if state.done - last_checkpoint >= checkpoint_every:
-                        save_checkpoint()
-                        last_checkpoint = state.done
-        except BaseException:
-            # Interrupted (KeyboardInterrupt, an error in a later batch): keep every batch already merged.
-            if state.done > last_checkpoint:
-                with contextlib.suppress(Exception):
-                    save_checkpoint()
-            raise
-        finally:
-            bar.close()
-            for handle in handles:
-                handle.remove()
-        save_checkpoint()  # the final state: a resume=True rerun returns this result at once
-    elif checkpoint is not None and not resumed:
-        save_checkpoint()
+        _mine_shard(model, loader, run, device, dtype, checkpoint_every, progress, stop_early)
+    elif not run.resumed:
+        run.save_checkpoint()  # an empty shard (more ranks than images) still leaves its record
     seconds = time.perf_counter() - started
-    processed = state.done - done_at_start
 
-    tables = {name: TopK(t.values.cpu(), t.images.cpu(), t.positions.cpu()) for name, t in tables.items()}
+    tables = {name: TopK(t.values.cpu(), t.images.cpu(), t.positions.cpu()) for name, t in run.tables.items()}
+    state = run.state
     if world_size > 1:
         tables, state = _merge_ranks(tables, state, k)
     if state.images_seen == 0:
@@ -939,16 +872,15 @@ def mine(
             NaNActivationWarning,
             stacklevel=2,
         )
-    mined = Mining(layers=names, k=k, tables=tables, names={}, manifest={})
+    mined = Mining(layers=identity["layers"], k=k, tables=tables, names={}, manifest={})
     mined.names = {index: image_name(dataset, index) for index in mined.distinct_images()}
+    processed = run.state.done - done_at_start
     mined.manifest = {
         "format": FORMAT_VERSION,
         "kind": MANIFEST_KIND,
         "zfkernels_version": _version(),
         **identity,
-        "layer_shapes": {
-            layer.name: {"channels": layer.channels, "map_size": list(layer.map_size)} for layer in layer_list
-        },
+        "layer_shapes": _layer_shapes(layer_list),
         "image_shape": list(example.shape),
         "images_seen": state.images_seen,
         "images_skipped": len(state.skipped),
@@ -956,12 +888,135 @@ def mine(
         "nan_maxima": dict(state.nan_maxima),
         "run": {
             "world_size": world_size,
-            "resumed": resumed,
+            "resumed": run.resumed,
             "seconds": round(seconds, 3),
             "images_per_second": round(processed / seconds, 2) if seconds > 0 and processed else None,
         },
     }
     return mined
+
+
+def _check_run_arguments(
+    batch_size: object,
+    num_workers: object,
+    checkpoint_every: object,
+    checkpoint_dir: object,
+    resume: object,
+    overwrite: object,
+    progress: object,
+    stop_early: object,
+) -> None:
+    for name, value, low in (
+        ("batch_size", batch_size, 1),
+        ("num_workers", num_workers, 0),
+        ("checkpoint_every", checkpoint_every, 1),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    flags = (("resume", resume), ("overwrite", overwrite), ("progress", progress), ("stop_early", stop_early))
+    for name, value in flags:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_dir must be a path or None, got {type(checkpoint_dir).__name__}")
+    if resume and overwrite:
+        raise ValueError("resume=True and overwrite=True exclude each other: continue the run, or start over")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir (where the interrupted run wrote its checkpoints)")
+
+
+def _layer_shapes(layers: list[_Layer]) -> dict[str, dict[str, Any]]:
+    return {layer.name: {"channels": layer.channels, "map_size": list(layer.map_size)} for layer in layers}
+
+
+@dataclass
+class _Run:
+    """One rank's pass: what it is (identity), where it stands (state, tables) and where it checkpoints."""
+
+    identity: dict[str, Any]
+    layers: list[_Layer]
+    k: int
+    rank: int
+    world_size: int
+    shard_length: int
+    state: _RunState
+    tables: dict[str, TopK]
+    checkpoint: Path | None = None
+    resumed: bool = False
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint is None:
+            return
+        record = {
+            "format": FORMAT_VERSION,
+            "kind": CHECKPOINT_KIND,
+            "zfkernels_version": _version(),
+            "identity": self.identity,
+            "layer_shapes": _layer_shapes(self.layers),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            **dataclasses.asdict(self.state),
+        }
+        _write_checkpoint(self.checkpoint, record, self.tables)
+
+
+def _mine_shard(
+    model: nn.Module,
+    loader: DataLoader,
+    run: _Run,
+    device: torch.device,
+    dtype: torch.dtype,
+    checkpoint_every: int,
+    progress: bool,
+    stop_early: bool,
+) -> None:
+    """The streaming pass over this rank's (remaining) shard, checkpointing as it goes."""
+    from tqdm.auto import tqdm
+
+    names = run.identity["layers"]
+    capture = _Capture(names, stop_early)
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(capture.hook_for(name)) for name in names]
+    state, last_checkpoint = run.state, run.state.done
+    bar = tqdm(
+        total=run.shard_length,
+        initial=state.done,
+        unit="img",
+        desc="mining" if run.world_size == 1 else f"mining (rank 0 of {run.world_size})",
+        disable=not progress or run.rank != 0,
+        dynamic_ncols=True,
+    )
+    try:
+        with torch.no_grad(), _eval_mode(model):
+            for batch in loader:
+                for skipped in batch.skipped:
+                    warnings.warn(
+                        f"skipped image {skipped['name']!r} (dataset index {skipped['index']}): "
+                        f"{skipped['reason']}",
+                        SkippedImageWarning,
+                        stacklevel=3,
+                    )
+                if batch.images is not None:
+                    _mine_batch(model, batch, capture, run.tables, state, run.k, device, dtype)
+                # Merged: only now does the batch count as done (a checkpoint never holds half of one).
+                state.skipped.extend(batch.skipped)
+                state.images_seen += len(batch.indices)
+                state.done += batch.count
+                bar.update(batch.count)
+                if state.done - last_checkpoint >= checkpoint_every:
+                    run.save_checkpoint()
+                    last_checkpoint = state.done
+    except BaseException:
+        # Interrupted (KeyboardInterrupt, an error in a later batch): keep every batch already merged.
+        if state.done > last_checkpoint:
+            with contextlib.suppress(Exception):
+                run.save_checkpoint()
+        raise
+    finally:
+        bar.close()
+        for handle in handles:
+            handle.remove()
+    run.save_checkpoint()  # the final state: a resume=True rerun returns this result at once
 
 
 class _Capture:
@@ -1075,86 +1130,59 @@ def _mine_batch(
     capture.maxima.clear()
 
 
-def _checkpoint_state(
-    identity: dict[str, Any], layers: list[_Layer], rank: int, world_size: int, state: _RunState
-) -> dict[str, Any]:
-    return {
-        "format": FORMAT_VERSION,
-        "kind": CHECKPOINT_KIND,
-        "zfkernels_version": _version(),
-        "identity": identity,
-        "layer_shapes": {
-            layer.name: {"channels": layer.channels, "map_size": list(layer.map_size)} for layer in layers
-        },
-        "rank": rank,
-        "world_size": world_size,
-        **dataclasses.asdict(state),
-    }
-
-
-def _start_from_checkpoint(
-    checkpoint: Path,
-    identity: dict[str, Any],
-    rank: int,
-    world_size: int,
-    shard_length: int,
-    resume: bool,
-    overwrite: bool,
-    fresh_state: _RunState,
-    fresh_tables: dict[str, TopK],
-    device: torch.device,
-) -> tuple[_RunState, dict[str, TopK], bool]:
-    """The state to start from: the checkpoint's (resume), or a fresh one; refusals as documented."""
+def _start_from_checkpoint(run: _Run, resume: bool, overwrite: bool, device: torch.device) -> None:
+    """Set ``run`` to its checkpoint's state (resume) or leave it fresh; the refusals as documented."""
+    checkpoint = run.checkpoint
+    assert checkpoint is not None
     others = sorted(p.name for p in checkpoint.parent.glob("mining-rank*-of-*.npz") if p != checkpoint)
-    other_world = [name for name in others if not name.endswith(f"-of-{world_size}.npz")]
+    other_world = [name for name in others if not name.endswith(f"-of-{run.world_size}.npz")]
     if overwrite:
         with contextlib.suppress(FileNotFoundError):
             checkpoint.unlink()
-        if rank == 0:  # other world sizes' files are no one's in this run: stale
+        if run.rank == 0:  # other world sizes' files are no one's in this run: stale
             for name in other_world:
                 with contextlib.suppress(FileNotFoundError):
                     (checkpoint.parent / name).unlink()
-        return fresh_state, fresh_tables, False
+        return
     if not checkpoint.exists():
         if other_world:
             raise ValueError(
                 f"checkpoint_dir {str(checkpoint.parent)!r} holds checkpoints of a run with another world "
                 f"size ({', '.join(other_world)}), not {checkpoint.name}: the world size changed (now "
-                f"{world_size}). "
-                "Resume with the same number of processes, or pass overwrite=True to start over"
+                f"{run.world_size}). Resume with the same number of processes, or pass overwrite=True to "
+                "start over"
             )
         if resume:
             warnings.warn(
                 f"resume=True but {str(checkpoint)!r} does not exist: mining from the beginning", stacklevel=3
             )
-        return fresh_state, fresh_tables, False
+        return
     saved, tables = _read_checkpoint(checkpoint, device)
     if not resume:
         raise ValueError(
             f"checkpoint_dir {str(checkpoint.parent)!r} holds a checkpoint ({checkpoint.name}, "
-            f"{saved.get('done')} of {shard_length} images of this rank done); pass resume=True to continue "
-            "it, or overwrite=True to start over"
+            f"{saved.get('done')} of {run.shard_length} images of this rank done); pass resume=True to "
+            "continue it, or overwrite=True to start over"
         )
-    differences = _identity_differences(saved["identity"], identity)
-    if saved.get("world_size") != world_size or saved.get("rank") != rank:
-        differences.append(f"the world size ({saved.get('world_size')} -> {world_size})")
+    differences = _identity_differences(saved["identity"], run.identity)
+    if saved.get("world_size") != run.world_size or saved.get("rank") != run.rank:
+        differences.append(f"the world size ({saved.get('world_size')} -> {run.world_size})")
     if differences:
         raise ValueError(
             f"cannot resume from {str(checkpoint)!r}: it belongs to a different run: "
-            f"{'; '.join(differences)}. "
-            "Pass overwrite=True to start over"
+            f"{'; '.join(differences)}. Pass overwrite=True to start over"
         )
     state = _RunState(
         done=int(saved["done"]),
         images_seen=int(saved["images_seen"]),
         skipped=list(saved["skipped"]),
-        nan_maxima={name: int(saved["nan_maxima"].get(name, 0)) for name in identity["layers"]},
+        nan_maxima={name: int(saved["nan_maxima"].get(name, 0)) for name in run.identity["layers"]},
     )
-    if not 0 <= state.done <= shard_length:
+    if not 0 <= state.done <= run.shard_length:
         raise ValueError(
-            f"checkpoint {str(checkpoint)!r} says {state.done} images done of a {shard_length}-image shard"
+            f"checkpoint {str(checkpoint)!r} says {state.done} images done, of a shard of {run.shard_length}"
         )
-    return state, tables, True
+    run.state, run.tables, run.resumed = state, tables, True
 
 
 def _merge_ranks(tables: dict[str, TopK], state: _RunState, k: int) -> tuple[dict[str, TopK], _RunState]:
