@@ -70,7 +70,10 @@ class CMakeBuild(build_ext):
         if ext.name != "zfkernels._C":
             return  # the one CMake run below builds every module into the same directory
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
-        build_temp = Path(self.build_temp).resolve() / "cmake"
+        # A build directory in the source tree, not pip's temporary one: the next install (the README's
+        # second line right after its first) reuses the compiled kernels instead of rebuilding them.
+        build_type = os.environ.get("ZFK_BUILD_TYPE", "Release")
+        build_temp = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}-{build_type}"
         build_temp.mkdir(parents=True, exist_ok=True)
         import pybind11
 
@@ -78,10 +81,11 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DCMAKE_BUILD_TYPE={os.environ.get('ZFK_BUILD_TYPE', 'Release')}",
+            f"-DCMAKE_BUILD_TYPE={build_type}",
         ]
-        if shutil.which("ninja"):
-            args.append("-GNinja")
+        ninja = shutil.which("ninja")
+        if ninja:  # each isolated pip environment has its own ninja: name the current one every time
+            args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         real_nvcc = cuda_compiler()
         if real_nvcc is not None:
             args += [

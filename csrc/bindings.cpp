@@ -71,6 +71,8 @@ PYBIND11_MODULE(_C, m) {
                                   rule, threads);
         },
         release);
+  m.def("all_finite", [](Ptr data, int dtype, int64_t n) { return zfk::cpu::all_finite(cptr(data), DType(dtype), n); },
+        release);
   m.def("conv_transpose2d_direct",
         [](Ptr input, Ptr weight, Ptr bias, Ptr output, int dtype, int64_t batch, int64_t in_channels,
            int64_t out_channels, std::array<int64_t, 4> sizes, std::array<int64_t, 8> params, int threads) {

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BACKENDS, assert_close_verbose, backend_outputs, max_abs_error
+from test_max_unpool import SMALL_MEMORY, peak_rss_growth
 from torch.autograd import gradcheck, gradgradcheck
 
 import zfkernels as zk
@@ -283,3 +284,148 @@ def test_bad_inputs(backend, make, error, match):
     args, kwargs = make(x, w, b)
     with pytest.raises(error, match=match):
         zk.conv_transpose2d(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------- NaN and inf
+# torch's products are only those of real inputs and weights (zeros of the input included): padding and the
+# space between strided inputs form none, so 0 * inf = NaN appears only where a real zero meets an infinity.
+# That is F.conv_transpose2d's float64 path (im2col + GEMM + col2im, the same as a loop over the products).
+# Its float32 path on CPU runs oneDNN, which in some geometries with a NaN/inf weight (mostly with
+# output_padding) also multiplies padding by it: NaN where no product exists, so it is not the oracle here
+# (the reference backend computes such calls in float64 for that reason).
+NONFINITE_OUT_CHANNELS = (1, 2, 3, 4, 5, 6, 8, 17, 33)
+
+
+def exact_conv_transpose2d(x, w, b, *args):
+    """The oracle for NaN and inf: F.conv_transpose2d in float64 (only real products), on the same values."""
+    return F.conv_transpose2d(x.double(), w.double(), None if b is None else b.double(), *args)
+
+
+def randint(generator, low, high):
+    """A uniform int in [low, high]."""
+    return int(torch.randint(low, high + 1, (), generator=generator))
+
+
+def sprinkle_nonfinite(t, generator, count, zero_fraction=0.0):
+    """`t` with `count` random entries set to NaN, +inf or -inf, and about `zero_fraction` of the rest 0."""
+    t = t.clone()
+    flat = t.view(-1)
+    if zero_fraction:
+        flat[torch.rand(flat.shape, generator=generator) < zero_fraction] = 0
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=t.dtype)
+    for _ in range(count):
+        i = randint(generator, 0, flat.numel() - 1)
+        flat[i] = specials[randint(generator, 0, 2)]
+    return t
+
+
+def assert_same_nonfinite(actual, expected, rtol, atol, label):
+    """NaN, +inf and -inf exactly where `expected` has them; the finite rest allclose (atol scaled by it)."""
+    assert actual.shape == expected.shape, f"{label}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    inf = float("inf")
+    for name, mask in (("NaN", torch.isnan), ("+inf", lambda t: t == inf), ("-inf", lambda t: t == -inf)):
+        diff = mask(a) ^ mask(e)
+        if diff.any():
+            first = tuple(diff.nonzero()[0].tolist())
+            raise AssertionError(
+                f"{label}: {name} at {int(diff.sum())} of {a.numel()} positions differs from torch; first at "
+                f"{first}: actual {a[first].item()!r}, expected {e[first].item()!r}"
+            )
+    finite = torch.isfinite(e)
+    scale = max(1.0, e[finite].abs().max().item()) if finite.any() else 1.0
+    assert_close_verbose(
+        a.masked_fill(~finite, 0), e.masked_fill(~finite, 0), rtol=rtol, atol=atol * scale, label=label
+    )
+
+
+def nonfinite_conv_case(generator, out_channels, dtype):
+    """A tiny random transposed convolution with NaN/inf in its input, its weight or both, and zeros in its
+    input (whole planes at times): (x, w, b, stride, padding, output_padding, groups, dilation)."""
+    while True:
+        groups = 2 if out_channels % 2 == 0 and randint(generator, 0, 3) == 0 else 1
+        in_channels = groups * randint(generator, 1, 3)
+        kernel = (randint(generator, 1, 4), randint(generator, 1, 4))
+        stride = (randint(generator, 1, 3), randint(generator, 1, 3))
+        dilation = (
+            (1, 1) if randint(generator, 0, 4) else (randint(generator, 1, 2), randint(generator, 1, 2))
+        )
+        padding = tuple(randint(generator, 0, dilation[i] * (kernel[i] - 1)) for i in range(2))
+        output_padding = tuple(randint(generator, 0, max(stride[i], dilation[i]) - 1) for i in range(2))
+        size = (randint(generator, 1, 5), randint(generator, 1, 5))
+        out = [
+            (size[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + output_padding[i] + 1
+            for i in range(2)
+        ]
+        if min(out) >= 1:
+            break
+    where = ("input", "weight", "both")[randint(generator, 0, 2)]
+    x = torch.randn(randint(generator, 1, 2), in_channels, *size, generator=generator, dtype=dtype)
+    if randint(generator, 0, 2) == 0:
+        x[:, randint(generator, 0, in_channels - 1)] = 0
+    x = sprinkle_nonfinite(x, generator, randint(generator, 1, 3) if where != "weight" else 0, 0.2)
+    w = torch.randn(in_channels, out_channels // groups, *kernel, generator=generator, dtype=dtype)
+    w = sprinkle_nonfinite(w, generator, randint(generator, 1, 2) if where != "input" else 0)
+    b = torch.randn(out_channels, generator=generator, dtype=dtype) if randint(generator, 0, 1) else None
+    return x, w, b, stride, padding, output_padding, groups, dilation
+
+
+def nonfinite_tolerance(dtype):
+    return (1e-10, 1e-10) if dtype == torch.float64 else (1e-4, 1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
+def test_nonfinite_issue_example(backend):
+    # Issue 12: the direct path multiplied its zero halo by the inf weight (48 NaN where torch has 36).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 6, 6, generator=g)
+    x[0, 0] = 0
+    w = torch.randn(3, 2, 3, 3, generator=g)
+    w[0, 0, 1, 1] = float("inf")
+    expected = exact_conv_transpose2d(x, w, None)
+    assert int(expected.isnan().sum()) == 36 and torch.equal(
+        F.conv_transpose2d(x, w).isnan(), expected.isnan()
+    )
+    assert_same_nonfinite(zk.conv_transpose2d(x, w), expected, 1e-4, 1e-5, f"{backend} issue example")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DTYPE_IDS)
+def test_nonfinite_propagate_as_torch(backend, dtype):
+    """Fuzz: NaN and +/-inf at random in inputs and weights, output channels 1..6 and wider, strides 1-3,
+    paddings, output_padding, groups and dilations; NaN and inf where torch has them, the rest allclose."""
+    g = torch.Generator().manual_seed(12 + (dtype == torch.float64))
+    cases = 9 if backend == "triton" else 72  # the interpreter costs ~30 ms a launch
+    rtol, atol = nonfinite_tolerance(dtype)
+    for i in range(cases):
+        x, w, b, *args = nonfinite_conv_case(
+            g, NONFINITE_OUT_CHANNELS[i % len(NONFINITE_OUT_CHANNELS)], dtype
+        )
+        expected = exact_conv_transpose2d(x, w, b, *args)
+        label = f"case {i}: x {tuple(x.shape)} w {tuple(w.shape)} bias {b is not None} args {args}"
+        assert_same_nonfinite(zk.conv_transpose2d(x, w, b, *args), expected, rtol, atol, label)
+
+
+def test_huge_stride_over_tiny_input(backend):
+    # Issue 12, item 3: the direct kernel's per-residue tap lists were sized by the stride (2**26: 1.5 GB
+    # for a 1x1 input whose output is the 2x2 kernel). Scratch must follow the input and output.
+    x, w = torch.full((1, 1, 1, 1), 3.0), torch.arange(4.0).view(1, 1, 2, 2)
+    out, growth = peak_rss_growth(lambda: zk.conv_transpose2d(x, w, stride=2**26))
+    if backend == "triton" and isinstance(out, ValueError):  # its grid has a program axis per phase
+        assert "stride" in str(out)
+        return
+    assert growth < SMALL_MEMORY, f"{growth / 2**20:.0f} MiB for a 1x1 input"
+    assert torch.equal(out, F.conv_transpose2d(x, w, stride=2**26)), out
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS)
+def test_nonfinite_low_precision(backend, dtype):
+    # fp16/bf16 take the cpu backend's torch path, checked for NaN/inf weights by their bits.
+    g = torch.Generator().manual_seed(14 + (dtype == torch.bfloat16))
+    for i in range(3 if backend == "triton" else 18):
+        out_channels = NONFINITE_OUT_CHANNELS[i % len(NONFINITE_OUT_CHANNELS)]
+        x, w, b, *args = nonfinite_conv_case(g, out_channels, dtype)
+        label = f"case {i}: x {tuple(x.shape)} w {tuple(w.shape)} bias {b is not None} args {args}"
+        expected = exact_conv_transpose2d(x, w, b, *args)
+        assert_same_nonfinite(zk.conv_transpose2d(x, w, b, *args), expected, 2e-2, 2e-2, label)

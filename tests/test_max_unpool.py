@@ -505,3 +505,65 @@ def test_gather_bad_inputs(backend, make, error, match):
     args, kwargs = make(torch.ones(1, 1, 7, 7), switches)
     with pytest.raises(error, match=match):
         zk.gather_switches(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------- huge windows, tiny inputs
+def _status_kib(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def peak_rss_growth(fn):
+    """(what fn() returned or raised, by how many bytes the process's peak RSS rose above its RSS before
+    the call). Linux: the peak (VmHWM) is reset through /proc/self/clear_refs first."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+    except OSError:
+        pytest.skip("no /proc/self/clear_refs to reset the peak RSS with")
+    before = _status_kib("VmRSS")
+    try:
+        result = fn()
+    except Exception as error:  # noqa: BLE001 - returned for the caller to check
+        result = error
+    return result, (_status_kib("VmHWM") - before) * 1024
+
+
+SMALL_MEMORY = 128 << 20  # a tiny input's call must not need more (the decode table took 3.7 GB)
+
+
+@pytest.mark.parametrize("window", [2**27, 2**33], ids=["2^27", "2^33"])
+def test_huge_window_over_tiny_input(backend, window):
+    # Issue 12: the cpu decode table had an entry per window element (2**27: 9.6 s and 3.7 GB; 2**33:
+    # std::bad_alloc). Scratch must follow the input: the window's size alone costs nothing.
+    values = torch.ones(1, 1, 1, 1)
+    kernel, padding = (1, window), (0, window // 2)  # the one window's origin is column -window // 2
+    bad = torch.zeros(1, 1, 1, 1, dtype=torch.int32)  # on the padding: invalid
+    call = lambda s: zk.max_unpool2d(values, s, kernel, None, padding, output_size=(1, 1))
+    result, growth = peak_rss_growth(lambda: call(bad))
+    # refused: for the invalid switch, or (triton, whose kernels index in int32) for the window's size
+    assert isinstance(result, ValueError) and ("switches" in str(result) or "kernel_size" in str(result)), (
+        result
+    )
+    assert growth < SMALL_MEMORY, f"{growth / 2**20:.0f} MiB for a 1x1 input"
+    if window // 2 < 2**31:  # the valid switch fits int32
+        good = torch.full((1, 1, 1, 1), window // 2, dtype=torch.int32)
+        result, growth = peak_rss_growth(lambda: call(good))
+        assert growth < SMALL_MEMORY, f"{growth / 2**20:.0f} MiB for a 1x1 input"
+        assert_bitwise_equal(result, values, "unpool")
+        gathered, growth = peak_rss_growth(lambda: zk.gather_switches(values, good, kernel, None, padding))
+        assert growth < SMALL_MEMORY, f"{growth / 2**20:.0f} MiB for a 1x1 input"
+        assert_bitwise_equal(gathered, values, "gather")
+
+
+def test_huge_stride_one_window(backend):
+    # Two 1 x 2**20 windows at stride 1 cover a 1x1 map: each element is covered by two windows, not 2**20
+    # (the triton gather looped over ceil(kernel / stride) windows per element).
+    kernel, padding = (1, 2**20), (0, 2**19)
+    values = torch.tensor([[[[2.0, 3.0]]]])
+    switches = torch.tensor([[[[2**19, 2**19 - 1]]]], dtype=torch.int32)  # both point at column 0
+    out = zk.max_unpool2d(values, switches, kernel, 1, padding, output_size=(1, 1))
+    assert_bitwise_equal(out, torch.tensor([[[[5.0]]]]), "unpool")
+    assert_bitwise_equal(
+        zk.gather_switches(out, switches, kernel, 1, padding), torch.full_like(values, 5.0), "gather"
+    )

@@ -281,8 +281,8 @@ def test_bad_inputs(backend):
         zk.relu(torch.ones(3, dtype=torch.int64))
     with pytest.raises(TypeError, match="input"):
         zk.relu([1.0, -1.0])
-    with pytest.raises(ValueError, match="input"):
-        zk.relu(torch.zeros([1] * 9))
+    many_dims = -torch.ones([1] * 9)  # any rank, as torch.relu
+    assert torch.equal(zk.relu(many_dims), torch.relu(many_dims))
     with pytest.raises(ValueError, match="backward"):
         zk.relu(x, backward="rectified")
     with pytest.raises(ValueError, match="backward"):

@@ -22,6 +22,14 @@ from conftest import (
     max_abs_error,
     tied,
 )
+from test_conv_transpose import (
+    NONFINITE_OUT_CHANNELS,
+    assert_same_nonfinite,
+    exact_conv_transpose2d,
+    nonfinite_conv_case,
+    nonfinite_tolerance,
+)
+from test_unpool_conv_transpose import fused_reference, nonfinite_fused_case
 
 import zfkernels as zk
 from zfkernels._extension import DTYPE_CODES, SWITCH_CODES, cpu_module
@@ -308,3 +316,37 @@ def test_fused_tiled_counts_invalid_switches(gen, case):
     out, invalid, _ = fused_tiled(values, switches, weight, geometry, ((3, 3), (1, 1), (1, 1), (0, 0)), False)
     assert invalid == int((~valid).sum()) > 0
     assert torch.isfinite(out).all()  # every output written, no invalid switch followed
+
+
+# ------------------------------------------------------------------------------------- NaN and inf
+@pytest.mark.parametrize("force_elements", [False, True], ids=["tiled", "elements"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DTYPE_IDS)
+def test_conv_tiled_nonfinite_propagate_as_torch(dtype, force_elements):
+    # The tile's zero halo times an inf weight made NaN where torch forms no product: only the taps whose
+    # input lies inside the map may be multiplied (tests/test_conv_transpose.py fuzzes the other backends).
+    g = torch.Generator().manual_seed(31 + (dtype == torch.float64))
+    rtol, atol = nonfinite_tolerance(dtype)
+    for i in range(48):
+        x, w, b, *args = nonfinite_conv_case(
+            g, NONFINITE_OUT_CHANNELS[i % len(NONFINITE_OUT_CHANNELS)], dtype
+        )
+        out, tiled = conv_tiled(x, w, b, *args, force_elements=force_elements)
+        assert tiled == (not force_elements)
+        label = f"case {i}: x {tuple(x.shape)} w {tuple(w.shape)} bias {b is not None} args {args}"
+        assert_same_nonfinite(out, exact_conv_transpose2d(x, w, b, *args), rtol, atol, label)
+
+
+@pytest.mark.parametrize("force_elements", [False, True], ids=["tiled", "elements"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DTYPE_IDS)
+def test_fused_tiled_nonfinite_propagate_as_torch(dtype, force_elements):
+    g = torch.Generator().manual_seed(41 + (dtype == torch.float64))
+    rtol, atol = nonfinite_tolerance(dtype)
+    for i in range(48):
+        case = nonfinite_fused_case(g, NONFINITE_OUT_CHANNELS[i % len(NONFINITE_OUT_CHANNELS)], dtype)
+        values, switches, weight, pool, conv, relu = case
+        out, invalid, tiled = fused_tiled(values, switches, weight, pool, conv, relu, force_elements)
+        assert invalid == 0 and tiled == (not force_elements)
+        label = (
+            f"case {i}: values {tuple(values.shape)} weight {tuple(weight.shape)} pool {pool} conv {conv[1:]}"
+        )
+        assert_same_nonfinite(out, fused_reference(*case), rtol, atol, f"{label} relu {relu}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,10 +15,20 @@ from conftest import (
     max_abs_error,
     tied,
 )
+from test_conv_transpose import (
+    NONFINITE_OUT_CHANNELS,
+    assert_same_nonfinite,
+    exact_conv_transpose2d,
+    nonfinite_tolerance,
+    randint,
+    sprinkle_nonfinite,
+)
+from test_max_unpool import SMALL_MEMORY, peak_rss_growth
 from torch.autograd import gradcheck, gradgradcheck
 
 import zfkernels as zk
 from zfkernels.ops import reference
+from zfkernels.ops._checks import pooled_shape, switch_dtype
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -367,3 +379,136 @@ def test_reference_module_matches_public_function(gen):
     )
     unpooled = reference.max_unpool2d(values, switches, (3, 3), (2, 2), (0, 0), (13, 13), True)
     assert torch.equal(out, F.conv_transpose2d(unpooled, weight, None, 1, 1, 0))
+
+
+# ------------------------------------------------------------------------------------- NaN and inf
+def nonfinite_fused_case(generator, out_channels, dtype):
+    """A tiny random fused case with NaN/inf in the pooled values, the weight or both, zeros among the values,
+    and valid switches (shared argmaxes included): (values, switches, weight, pool, conv, relu), where pool is
+    (kernel, stride, padding, unpool (H, W)) and conv ((kH, kW), stride, padding, output_padding) pairs."""
+    while True:
+        pool_kernel = (randint(generator, 1, 3), randint(generator, 1, 3))
+        pool_stride = (randint(generator, 1, 3), randint(generator, 1, 3))
+        pool_padding = (
+            randint(generator, 0, pool_kernel[0] // 2),
+            randint(generator, 0, pool_kernel[1] // 2),
+        )
+        ceil_mode = bool(randint(generator, 0, 1))
+        size = (randint(generator, 2, 7), randint(generator, 2, 7))
+        pooled = pooled_shape(size, pool_kernel, pool_stride, pool_padding, ceil_mode)
+        kernel = (randint(generator, 1, 5), (1, 2, 3, 4, 5, 9, 13)[randint(generator, 0, 6)])  # 1, 2 vectors
+        stride = (randint(generator, 1, 3), randint(generator, 1, 3))
+        padding = (randint(generator, 0, kernel[0] - 1), randint(generator, 0, kernel[1] - 1))
+        output_padding = (randint(generator, 0, stride[0] - 1), randint(generator, 0, stride[1] - 1))
+        out = [(size[i] - 1) * stride[i] - 2 * padding[i] + kernel[i] + output_padding[i] for i in range(2)]
+        if min(pooled) >= 1 and min(out) >= 1:
+            break
+    in_channels = randint(generator, 1, 4)
+    x = tied((randint(generator, 1, 2), in_channels, *size), dtype, generator)
+    _, switches = reference.max_pool2d_switches(
+        x, pool_kernel, pool_stride, pool_padding, ceil_mode, False, switch_dtype(pool_kernel)
+    )
+    if randint(generator, 0, 3) == 0:
+        switches = zk.switches_to_indices(switches, size, pool_kernel, pool_stride, pool_padding)
+    where = ("values", "weight", "both")[randint(generator, 0, 2)]
+    values = torch.randn(switches.shape, generator=generator, dtype=dtype)
+    values = sprinkle_nonfinite(values, generator, randint(generator, 1, 3) if where != "weight" else 0, 0.2)
+    weight = torch.randn(in_channels, out_channels, *kernel, generator=generator, dtype=dtype)
+    weight = sprinkle_nonfinite(weight, generator, randint(generator, 1, 2) if where != "values" else 0)
+    pool = (pool_kernel, pool_stride, pool_padding, size)
+    return (
+        values,
+        switches,
+        weight,
+        pool,
+        (kernel, stride, padding, output_padding),
+        bool(randint(generator, 0, 1)),
+    )
+
+
+def fused_public(values, switches, weight, pool, conv, relu):
+    pool_kernel, pool_stride, pool_padding, size = pool
+    _, stride, padding, output_padding = conv
+    return zk.unpool_conv_transpose2d(
+        values,
+        switches,
+        weight,
+        pool_kernel_size=pool_kernel,
+        pool_stride=pool_stride,
+        pool_padding=pool_padding,
+        unpool_size=size,
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+        relu=relu,
+    )
+
+
+def fused_reference(values, switches, weight, pool, conv, relu):
+    """torch's dense composition F.conv_transpose2d(relu(max_unpool2d(...)), weight), the unpooled map in the
+    values' dtype (as the unfused op stores it), the convolution by exact_conv_transpose2d (float64)."""
+    unpooled = reference.max_unpool2d(values, switches, *pool, relu)
+    return exact_conv_transpose2d(unpooled, weight, None, *conv[1:])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
+def test_nonfinite_issue_example(backend):
+    # Issue 12: a NaN value times the zero padding of the rows path's weight rows leaked into its neighbours.
+    x = torch.full((1, 1, 4, 4), -1.0)
+    x[0, 0, 0, 0] = float("nan")
+    values, switches = reference.max_pool2d_switches(x, (2, 2), (2, 2), (0, 0), False, False, torch.uint8)
+    common = dict(pool_kernel_size=2, unpool_size=(4, 4), relu=False)
+    out = zk.unpool_conv_transpose2d(values, switches, torch.ones(1, 1, 1, 1), **common)
+    unpooled = reference.max_unpool2d(values, switches, (2, 2), (2, 2), (0, 0), (4, 4), False)
+    expected = F.conv_transpose2d(unpooled, torch.ones(1, 1, 1, 1))
+    assert expected[0, 0, 0, 1:].tolist() == [0.0, -1.0, 0.0]
+    assert_same_nonfinite(out, expected, 1e-6, 1e-6, f"{backend} NaN value")
+    # The sparse path skipped zero values: torch's dense composition multiplies them, 0 * inf = NaN.
+    weight = torch.full((1, 1, 1, 1), float("inf"))
+    values = torch.tensor([[[[1.0, 0.0], [-2.0, 3.0]]]])
+    switches = torch.zeros(1, 1, 2, 2, dtype=torch.uint8)
+    out = zk.unpool_conv_transpose2d(values, switches, weight, **common)
+    unpooled = reference.max_unpool2d(values, switches, (2, 2), (2, 2), (0, 0), (4, 4), False)
+    assert_same_nonfinite(out, F.conv_transpose2d(unpooled, weight), 1e-6, 1e-6, f"{backend} inf weight")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DTYPE_IDS)
+def test_nonfinite_propagate_as_torch(backend, dtype):
+    """Fuzz: NaN and +/-inf at random in pooled values and weights, output channels 1..6 and wider (every
+    path of the cpu kernel), strides 1-3, paddings, output_padding, relu or not, switches or indices."""
+    g = torch.Generator().manual_seed(21 + (dtype == torch.float64))
+    cases = 9 if backend == "triton" else 72  # the interpreter costs ~30 ms a launch
+    rtol, atol = nonfinite_tolerance(dtype)
+    for i in range(cases):
+        case = nonfinite_fused_case(g, NONFINITE_OUT_CHANNELS[i % len(NONFINITE_OUT_CHANNELS)], dtype)
+        values, switches, weight, pool, conv, relu = case
+        label = (
+            f"case {i}: values {tuple(values.shape)} weight {tuple(weight.shape)} pool {pool} conv {conv[1:]}"
+        )
+        expected = fused_reference(*case)
+        assert_same_nonfinite(fused_public(*case), expected, rtol, atol, f"{label} relu {relu}")
+
+
+def test_huge_pool_window_over_tiny_input(backend):
+    # Issue 12's window-sized scratch, through the fused op: 1 x 2**27 windows (the cpu decode table) and
+    # 1 x 2**20 windows at stride 1 (the triton kernel unrolled ceil(kernel / stride) windows per element).
+    weight = torch.full((1, 2, 1, 1), 2.0)
+    for window, stride, values, switches in (
+        (2**27, None, [[[[3.0]]]], [[[[2**26]]]]),
+        (2**20, 1, [[[[2.0, 3.0]]]], [[[[2**19, 2**19 - 1]]]]),
+    ):
+        values, switches = torch.tensor(values), torch.tensor(switches, dtype=torch.int32)
+        call = functools.partial(
+            zk.unpool_conv_transpose2d,
+            values,
+            switches,
+            weight,
+            pool_kernel_size=(1, window),
+            pool_stride=stride,
+            pool_padding=(0, window // 2),
+            unpool_size=(1, 1),
+        )
+        out, growth = peak_rss_growth(call)
+        assert growth < SMALL_MEMORY, f"{growth / 2**20:.0f} MiB for a 1x1 input"
+        assert torch.equal(out, torch.full((1, 2, 1, 1), 2.0 * values.sum().item())), out

@@ -1,5 +1,6 @@
 // CPU launcher: direct transposed convolution for few output channels. Wider ones go to oneDNN through torch.
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -11,6 +12,22 @@
 namespace zfk::cpu {
 
 namespace {
+
+template <typename T>
+ZFK_VECTORIZED bool finite_elements(const T* data, int64_t n) {
+  int bad = 0;  // or-ed flags, not a float sum: vectorizes without reassociating anything
+  if constexpr (std::is_same_v<T, Half> || std::is_same_v<T, BFloat16>) {
+    // Half types by their bits (no conversion): non-finite means an all-ones exponent.
+    constexpr uint16_t kExponent = std::is_same_v<T, Half> ? 0x7C00 : 0x7F80;
+    for (int64_t i = 0; i < n; ++i) bad |= int((data[i].bits & kExponent) == kExponent);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const T d = data[i] - data[i];  // 0 for a finite element, NaN otherwise
+      bad |= int(d != d);
+    }
+  }
+  return bad == 0;
+}
 
 // Direct transposed convolution for few output channels (ZFNet's layer 1 projects 96 maps to 3), where
 // a GEMM is all overhead. Output column ox = stride * m + r only meets kernel columns kw = r + pad (mod
@@ -34,14 +51,15 @@ ZFK_VECTORIZED void direct_image(const T* input, const T* weights, const T* bias
   struct Tap {
     int64_t k, offset;
   };
-  std::vector<std::vector<Tap>> row_taps(g.out_h), column_taps(g.stride_w);
+  // Residues past the output's width have no columns: a stride wider than the output sizes nothing here.
+  std::vector<std::vector<Tap>> row_taps(g.out_h), column_taps(std::min(g.stride_w, g.out_w));
   for (int64_t oy = 0; oy < g.out_h; ++oy) {
     for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
       const int64_t ty = oy + g.pad_h - kh;
       if (ty >= 0 && ty % g.stride_h == 0 && ty / g.stride_h < g.in_h) row_taps[oy].push_back({kh, ty / g.stride_h});
     }
   }
-  for (int64_t r = 0; r < g.stride_w; ++r) {
+  for (int64_t r = 0; r < int64_t(column_taps.size()); ++r) {
     for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
       const int64_t tx = r + g.pad_w - kw;  // ix = m + tx / stride when divisible
       const int64_t shift = tx >= 0 ? tx / g.stride_w : -((-tx) / g.stride_w);
@@ -81,17 +99,26 @@ ZFK_VECTORIZED void direct_image(const T* input, const T* weights, const T* bias
   }
 }
 
+// Returns false, having written nothing, when the weight holds a NaN or an infinity: the zero halo times
+// such a weight would be NaN where torch forms no product at all, so the caller runs the exact (torch) path.
 template <int kOut, typename T>
-void direct_launch(const T* input, const T* weight, const T* bias, T* output, int64_t batch, int64_t in_channels,
+bool direct_launch(const T* input, const T* weight, const T* bias, T* output, int64_t batch, int64_t in_channels,
                    const ConvTransposeGeometry& g, int num_threads) {
   // Accumulators, input vectors and one weight broadcast must fit the 16 vector registers.
   constexpr int L = Simd<T>::kLanes, kVecs = std::min(4, 15 / (kOut + 1)), kChunk = kVecs * L;
   const int64_t taps = g.kernel_h * g.kernel_w;
   std::vector<T> weights(taps * in_channels * kOut * L);  // [tap][c][out][lane], each weight broadcast
-  for (int64_t c = 0; c < in_channels; ++c)
-    for (int o = 0; o < kOut; ++o)
-      for (int64_t k = 0; k < taps; ++k)
-        std::fill_n(weights.begin() + ((k * in_channels + c) * kOut + o) * L, L, weight[(c * kOut + o) * taps + k]);
+  bool finite = true;  // checked while copying: the copy reads every weight anyway
+  for (int64_t c = 0; c < in_channels; ++c) {
+    for (int o = 0; o < kOut; ++o) {
+      for (int64_t k = 0; k < taps; ++k) {
+        const T w = weight[(c * kOut + o) * taps + k];
+        finite &= std::isfinite(w);
+        std::fill_n(weights.begin() + ((k * in_channels + c) * kOut + o) * L, L, w);
+      }
+    }
+  }
+  if (!finite) return false;
   // Halo: the farthest input column a chunk reads left of 0 or right of in_w, plus a chunk of slack.
   const int64_t reach = (g.kernel_w + g.pad_w) / g.stride_w + 1;
   const int64_t halo = reach + 1, padded_w = halo + g.in_w + reach + kChunk + 1;
@@ -103,6 +130,7 @@ void direct_launch(const T* input, const T* weight, const T* bias, T* output, in
                                 row_out.data());
     }
   });
+  return true;
 }
 
 }  // namespace
@@ -112,13 +140,14 @@ bool conv_transpose2d_direct(const void* input, const void* weight, const void* 
                              int num_threads) {
   if (out_channels < 1 || out_channels > 4 || g.dilation_h != 1 || g.dilation_w != 1) return false;
   if (dtype != DType::Float32 && dtype != DType::Float64) return false;
+  bool ran = false;
   dispatch_dtype(dtype, [&](auto t) {
     using T = decltype(t);
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
       const auto run = [&](auto out) {
-        direct_launch<decltype(out)::value>(static_cast<const T*>(input), static_cast<const T*>(weight),
-                                           static_cast<const T*>(bias), static_cast<T*>(output), batch, in_channels,
-                                           g, num_threads);
+        ran = direct_launch<decltype(out)::value>(static_cast<const T*>(input), static_cast<const T*>(weight),
+                                                  static_cast<const T*>(bias), static_cast<T*>(output), batch,
+                                                  in_channels, g, num_threads);
       };
       switch (out_channels) {
         case 1: return run(std::integral_constant<int, 1>{});
@@ -128,7 +157,13 @@ bool conv_transpose2d_direct(const void* input, const void* weight, const void* 
       }
     }
   });
-  return true;
+  return ran;
+}
+
+bool all_finite(const void* data, DType dtype, int64_t n) {
+  bool finite = true;
+  dispatch_dtype(dtype, [&](auto t) { finite = finite_elements(static_cast<const decltype(t)*>(data), n); });
+  return finite;
 }
 
 // The CUDA kernels' algorithm on the CPU (test entry point, not a fast path): the tiled block algorithm of

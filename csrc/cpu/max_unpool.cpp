@@ -73,7 +73,7 @@ int64_t max_unpool2d(const void* values, const void* switches, const void* gate,
     dispatch_switch(switch_type, [&](auto s) {
       using S = decltype(s);
       const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
-      const SwitchDecoder<S> decoder(g);
+      const SwitchDecoder<S> decoder(g, planes * out_plane);
       // Stream past the cache only an output far larger than it: a smaller one is better left in cache
       // for its reader, and small planes would leave partial lines that stall the write-combining buffers.
       const bool stream = planes * in_plane * int64_t(sizeof(T)) >= (int64_t(64) << 20) && in_plane >= 1024;
@@ -103,7 +103,7 @@ int64_t gather_switches(const void* source, const void* switches, void* output, 
     dispatch_switch(switch_type, [&](auto s) {
       using S = decltype(s);
       const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
-      const SwitchDecoder<S> decoder(g);
+      const SwitchDecoder<S> decoder(g, planes * out_plane);
       parallel_for(planes, num_threads, out_plane, [&](int64_t begin, int64_t end) {
         for (int64_t plane = begin; plane < end; ++plane) {
           const T* src = static_cast<const T*>(source) + plane * in_plane;

@@ -51,14 +51,20 @@ void relu(const void* input, void* output, DType dtype, int64_t numel, int num_t
 void relu_backward(const void* grad, const void* output, void* grad_input, DType dtype, int64_t numel, int rule,
                    int num_threads);
 // Direct transposed convolution (no GEMM) for 1 to 4 output channels, groups 1, dilation 1, fp32/fp64;
-// returns false (touching nothing) for anything else.
+// returns false (touching nothing) for anything else, and when the weight holds a NaN or an infinity (its
+// zero halo would multiply them where torch forms no product).
 bool conv_transpose2d_direct(const void* input, const void* weight, const void* bias, void* output, DType dtype,
                              int64_t batch, int64_t in_channels, int64_t out_channels, const ConvTransposeGeometry& g,
                              int num_threads);
-int64_t unpool_conv_transpose2d(const void* values, const void* switches, const void* weight, void* output,
-                                DType dtype, SwitchType switch_type, int64_t batch, int64_t in_channels,
-                                int64_t out_channels, const PoolGeometry& pool, const ConvTransposeGeometry& g,
-                                bool relu, int num_threads);
+// Returns (invalid switches, ran): ran is false, and nothing is written or checked, when the weight holds a NaN
+// or an infinity (torch's dense composition multiplies it by every zero of the unpooled map; run that instead).
+std::pair<int64_t, bool> unpool_conv_transpose2d(const void* values, const void* switches, const void* weight,
+                                                void* output, DType dtype, SwitchType switch_type, int64_t batch,
+                                                int64_t in_channels, int64_t out_channels, const PoolGeometry& pool,
+                                                const ConvTransposeGeometry& g, bool relu, int num_threads);
+// Whether no element is NaN or infinite: one vectorized pass on the calling thread (torch's isfinite().all()
+// costs two passes, an allocation and, on a busy machine, OpenMP barrier waits).
+bool all_finite(const void* data, DType dtype, int64_t n);
 // Copies window i ([channels][window_h][window_w]) into image targets[i] ([channels][image_h][image_w]) at
 // row/col origins[2i], origins[2i + 1], clipped to the image; distinct targets (windows run in parallel).
 void paste_windows(const void* windows, void* images, const int64_t* targets, const int64_t* origins, DType dtype,

@@ -1,5 +1,7 @@
 // Switch decoding for the CPU loops: a table of window offsets replaces two integer divisions per
 // switch (they cost more than the rest of an unpool), while kernels/common.h keeps the bounds rules.
+// The table has an entry per window element, so it is built only when the window is small next to the
+// switches it will decode: a huge window over a tiny input would otherwise cost gigabytes for nothing.
 #pragma once
 #include <algorithm>
 #include <type_traits>
@@ -9,11 +11,17 @@
 
 namespace zfk::cpu {
 
+// Window elements a table may hold: 1.5 MB of entries at most, and never many more than the switches.
+constexpr int64_t kMaxSwitchTable = int64_t(1) << 16, kSmallSwitchTable = 1024;
+
 template <typename S>
 class SwitchDecoder {
  public:
-  explicit SwitchDecoder(const PoolGeometry& g) : g_(g) {
-    if constexpr (!kFlat) {
+  // `switches`: how many switches this decoder will decode (every plane together), which sizes the table.
+  SwitchDecoder(const PoolGeometry& g, int64_t switches) : g_(g) {
+    const int64_t window_size = g.kernel_h * g.kernel_w;
+    table_ = !kFlat && window_size <= std::min(kMaxSwitchTable, std::max(kSmallSwitchTable, switches));
+    if (table_) {
       for (int64_t s = 0; s < g.kernel_h * g.kernel_w; ++s) {
         offsets_.push_back(switch_offset(g, s));
         deltas_.push_back(offsets_.back().dh * g.in_w + offsets_.back().dw);
@@ -34,8 +42,8 @@ class SwitchDecoder {
     for (int64_t oh = 0; oh < g.out_h; ++oh) {
       const int64_t h0 = oh * g.stride_h - g.pad_h, row = oh * g.out_w;
       const bool rows_inside = h0 >= 0 && h0 + g.kernel_h <= g.in_h;
-      const int64_t fast_begin = (kFlat || !rows_inside) ? g.out_w : ow_lo_;
-      const int64_t fast_end = (kFlat || !rows_inside) ? g.out_w : ow_hi_;
+      const bool fast = !kFlat && table_ && rows_inside;
+      const int64_t fast_begin = fast ? ow_lo_ : g.out_w, fast_end = fast ? ow_hi_ : g.out_w;
       for (int64_t ow = 0; ow < fast_begin; ++ow) visit(row + ow, target(oh, ow, switches[row + ow]));
       if constexpr (!kFlat) {
         for (int64_t ow = fast_begin; ow < fast_end; ++ow) {
@@ -54,6 +62,7 @@ class SwitchDecoder {
       return switch_target(g_, oh, ow, int64_t(sw), true);
     } else {
       const int64_t s = int64_t(sw);
+      if (!table_) return switch_target(g_, oh, ow, s);  // two divisions, no table
       if (s < 0 || s >= int64_t(offsets_.size())) return -1;
       return window_target(g_, oh, ow, offsets_[s]);
     }
@@ -62,6 +71,7 @@ class SwitchDecoder {
  private:
   static constexpr bool kFlat = std::is_same_v<S, int64_t>;  // torch's flat indices, not window-local
   PoolGeometry g_;
+  bool table_;
   std::vector<WindowOffset> offsets_;
   std::vector<int64_t> deltas_;  // flat offset of each switch from its window's origin
   int64_t ow_lo_, ow_hi_;

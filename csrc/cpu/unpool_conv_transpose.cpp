@@ -3,7 +3,9 @@
 // (one per unpooled position, the channels whose switch points there), and each output pixel gathers
 // only those, so the work follows the switches instead of the dense unpooled size.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -33,10 +35,11 @@ struct Contribution {
 };
 
 // Sparse unpooled activations of one image: entries[offsets[t] .. offsets[t + 1]) belong to unpooled position
-// t, ascending in channel; `occupied` lists the positions holding any, ascending. Buffers are reused across
-// images, so building allocates nothing after the first image.
+// t, ascending in channel; `occupied` lists the positions holding any, ascending; `finite`: no entry is NaN or
+// infinite. Buffers are reused across images, so building allocates nothing after the first image.
 template <typename C>
 struct SparseUnpooled {
+  bool finite = true;
   std::vector<int64_t> offsets;
   std::vector<Entry<C>> entries;
   std::vector<int64_t> occupied;
@@ -76,6 +79,7 @@ int64_t build_sparse(const T* values, const S* switches, int64_t in_channels, co
     sparse.entries[sparse.cursor[contributions[i].position]++] = {contributions[i].channel, contributions[i].value};
   // Sum a channel's shared argmaxes (adjacent after the sort), rectify, drop zeros; compact in place.
   sparse.occupied.clear();
+  bool finite = true;
   int64_t kept = 0;
   for (int64_t t = 0; t < positions; ++t) {
     const int64_t begin = sparse.offsets[t], end = sparse.offsets[t + 1];
@@ -84,11 +88,15 @@ int64_t build_sparse(const T* values, const S* switches, int64_t in_channels, co
       Entry<C> entry = sparse.entries[e];
       while (e + 1 < end && sparse.entries[e + 1].channel == entry.channel) entry.value += sparse.entries[++e].value;
       if (relu) entry.value = zfk::relu(entry.value);
-      if (entry.value != C(0)) sparse.entries[kept++] = entry;
+      if (entry.value != C(0)) {
+        finite &= bool(std::isfinite(entry.value));
+        sparse.entries[kept++] = entry;
+      }
     }
     if (kept > sparse.offsets[t]) sparse.occupied.push_back(t);
   }
   sparse.offsets[positions] = kept;
+  sparse.finite = finite;
   return invalid;
 }
 
@@ -156,7 +164,8 @@ ZFK_VECTORIZED void scatter_image(const SparseUnpooled<C>& sparse, const C* weig
 // write needs a bounds check. A position holds few entries (a handful of channels), so the loop runs over
 // blocks of kRowsPerBlock rows with every row of the block in registers, entries innermost: each entry's
 // weights for a block are contiguous in `row_weights` ([ci][padded rows][kRow]). Rows are padded to whole
-// blocks with zero weights aimed at row 0 (adding zeros there changes nothing).
+// blocks with zero weights aimed at row 0 (adding zeros there changes nothing). An image holding a NaN or an
+// infinity takes a scalar loop over the real taps only: the padding weights would turn it into NaN elsewhere.
 template <int kRowVecs>
 constexpr int kRowsPerBlock = kRowVecs == 1 ? 12 : kRowVecs == 2 ? 6 : 3;  // 12 accumulators of 16 registers
 
@@ -168,27 +177,43 @@ ZFK_VECTORIZED void scatter_image_rows(const SparseUnpooled<C>& sparse, const C*
   using V = typename Simd<C>::Vec;
   constexpr int L = Simd<C>::kLanes, kRow = kRowVecs * L, kBlock = kRowsPerBlock<kRowVecs>;
   std::fill(frame, frame + out_channels * frame_h * frame_w, C(0));
-  for (const int64_t t : sparse.occupied) {
-    const int64_t iy = t / g.in_w, ix = t % g.in_w;
-    C* base = frame + iy * g.stride_h * frame_w + ix * g.stride_w;
-    const Entry<C>* first = sparse.entries.data() + sparse.offsets[t];
-    const Entry<C>* end = sparse.entries.data() + sparse.offsets[t + 1];
-    for (int64_t block = 0; block < padded_rows; block += kBlock) {
-      V acc[kBlock][kRowVecs] = {};
-      for (const Entry<C>* e = first; e < end; ++e) {
-        const V u = broadcast<V>(e->value);
-        const C* w = row_weights + (e->channel * padded_rows + block) * kRow;
-#pragma GCC unroll 12
-        for (int i = 0; i < kBlock; ++i) {
-#pragma GCC unroll 4
-          for (int v = 0; v < kRowVecs; ++v) acc[i][v] += u * load_vec<V>(w + i * kRow + v * L);
+  if (!sparse.finite) {
+    const int64_t rows = out_channels * g.kernel_h;
+    for (const int64_t t : sparse.occupied) {
+      const int64_t iy = t / g.in_w, ix = t % g.in_w;
+      C* base = frame + iy * g.stride_h * frame_w + ix * g.stride_w;
+      for (int64_t e = sparse.offsets[t]; e < sparse.offsets[t + 1]; ++e) {
+        const Entry<C> entry = sparse.entries[e];
+        for (int64_t r = 0; r < rows; ++r) {
+          const C* w = row_weights + (entry.channel * padded_rows + r) * kRow;
+          C* dst = base + row_offsets[r];
+          for (int64_t kw = 0; kw < g.kernel_w; ++kw) dst[kw] += entry.value * w[kw];
         }
       }
+    }
+  } else {
+    for (const int64_t t : sparse.occupied) {
+      const int64_t iy = t / g.in_w, ix = t % g.in_w;
+      C* base = frame + iy * g.stride_h * frame_w + ix * g.stride_w;
+      const Entry<C>* first = sparse.entries.data() + sparse.offsets[t];
+      const Entry<C>* end = sparse.entries.data() + sparse.offsets[t + 1];
+      for (int64_t block = 0; block < padded_rows; block += kBlock) {
+        V acc[kBlock][kRowVecs] = {};
+        for (const Entry<C>* e = first; e < end; ++e) {
+          const V u = broadcast<V>(e->value);
+          const C* w = row_weights + (e->channel * padded_rows + block) * kRow;
 #pragma GCC unroll 12
-      for (int i = 0; i < kBlock; ++i) {
-        C* dst = base + row_offsets[block + i];
+          for (int i = 0; i < kBlock; ++i) {
 #pragma GCC unroll 4
-        for (int v = 0; v < kRowVecs; ++v) store_vec(dst + v * L, load_vec<V>(dst + v * L) + acc[i][v]);
+            for (int v = 0; v < kRowVecs; ++v) acc[i][v] += u * load_vec<V>(w + i * kRow + v * L);
+          }
+        }
+#pragma GCC unroll 12
+        for (int i = 0; i < kBlock; ++i) {
+          C* dst = base + row_offsets[block + i];
+#pragma GCC unroll 4
+          for (int v = 0; v < kRowVecs; ++v) store_vec(dst + v * L, load_vec<V>(dst + v * L) + acc[i][v]);
+        }
       }
     }
   }
@@ -206,8 +231,11 @@ ZFK_VECTORIZED void scatter_image_rows(const SparseUnpooled<C>& sparse, const C*
   }
 }
 
+// Both launchers return the invalid switches seen, or nothing (having written nothing) when the weight holds a
+// NaN or an infinity: torch's dense composition multiplies it by every zero of the unpooled map, which the
+// sparse lists leave out, so the caller runs that composition instead (checked while the weights are copied).
 template <typename T, typename S, int kRowVecs>
-int64_t launch_rows(const void* values, const void* switches, const void* weight, void* output, int64_t batch,
+std::optional<int64_t> launch_rows(const void* values, const void* switches, const void* weight, void* output, int64_t batch,
                     int64_t in_channels, int64_t out_channels, const PoolGeometry& pool,
                     const ConvTransposeGeometry& g, bool relu, int num_threads) {
   using C = compute_t<T>;
@@ -219,13 +247,20 @@ int64_t launch_rows(const void* values, const void* switches, const void* weight
     for (int64_t kh = 0; kh < g.kernel_h; ++kh) row_offsets[co * g.kernel_h + kh] = (co * frame_h + kh) * frame_w;
   std::vector<C> row_weights(in_channels * padded_rows * kRow, C(0));
   const T* w = static_cast<const T*>(weight);  // [ci][co][kh][kw]
-  for (int64_t ci = 0; ci < in_channels; ++ci)
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t kw = 0; kw < g.kernel_w; ++kw)
-        row_weights[(ci * padded_rows + r) * kRow + kw] = load(w + (ci * rows + r) * g.kernel_w + kw);
+  bool finite = true;
+  for (int64_t ci = 0; ci < in_channels; ++ci) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+        const C value = load(w + (ci * rows + r) * g.kernel_w + kw);
+        finite &= bool(std::isfinite(value));
+        row_weights[(ci * padded_rows + r) * kRow + kw] = value;
+      }
+    }
+  }
+  if (!finite) return std::nullopt;
   const int64_t pooled = pool.out_h * pool.out_w, out_image = out_channels * g.out_h * g.out_w;
   std::vector<int64_t> invalid(std::max<int64_t>(batch, 1), 0);
-  const SwitchDecoder<S> decoder(pool);
+  const SwitchDecoder<S> decoder(pool, batch * in_channels * pooled);
   parallel_for(batch, num_threads, out_image * in_channels, [&](int64_t begin, int64_t end) {
     SparseUnpooled<C> sparse;
     std::vector<C> frame(out_channels * frame_h * frame_w);
@@ -243,7 +278,7 @@ int64_t launch_rows(const void* values, const void* switches, const void* weight
 }
 
 template <typename T, typename S, int kVecs>
-int64_t launch(const void* values, const void* switches, const void* weight, void* output, int64_t batch,
+std::optional<int64_t> launch(const void* values, const void* switches, const void* weight, void* output, int64_t batch,
                int64_t in_channels, int64_t out_channels, const PoolGeometry& pool, const ConvTransposeGeometry& g,
                bool relu, int num_threads) {
   using C = compute_t<T>;
@@ -252,14 +287,21 @@ int64_t launch(const void* values, const void* switches, const void* weight, voi
   const int64_t out_padded = (out_channels + kBlock - 1) / kBlock * kBlock;
   std::vector<C> weights(taps * in_channels * out_padded, C(0));  // [kh][kw][ci][co], zero-padded in co
   const T* w = static_cast<const T*>(weight);
-  for (int64_t ci = 0; ci < in_channels; ++ci)
-    for (int64_t co = 0; co < out_channels; ++co)
-      for (int64_t k = 0; k < taps; ++k)
-        weights[(k * in_channels + ci) * out_padded + co] = load(w + (ci * out_channels + co) * taps + k);
+  bool finite = true;
+  for (int64_t ci = 0; ci < in_channels; ++ci) {
+    for (int64_t co = 0; co < out_channels; ++co) {
+      for (int64_t k = 0; k < taps; ++k) {
+        const C value = load(w + (ci * out_channels + co) * taps + k);
+        finite &= bool(std::isfinite(value));
+        weights[(k * in_channels + ci) * out_padded + co] = value;
+      }
+    }
+  }
+  if (!finite) return std::nullopt;
 
   const int64_t pooled = pool.out_h * pool.out_w, out_image = out_channels * g.out_h * g.out_w;
   std::vector<int64_t> invalid(std::max<int64_t>(batch, 1), 0);
-  const SwitchDecoder<S> decoder(pool);
+  const SwitchDecoder<S> decoder(pool, batch * in_channels * pooled);
   parallel_for(batch, num_threads, out_image * in_channels, [&](int64_t begin, int64_t end) {
     SparseUnpooled<C> sparse;
     std::vector<C> pixels(g.out_h * g.out_w * out_padded);
@@ -278,11 +320,11 @@ int64_t launch(const void* values, const void* switches, const void* weight, voi
 
 }  // namespace
 
-int64_t unpool_conv_transpose2d(const void* values, const void* switches, const void* weight, void* output,
-                                DType dtype, SwitchType switch_type, int64_t batch, int64_t in_channels,
-                                int64_t out_channels, const PoolGeometry& pool, const ConvTransposeGeometry& g,
-                                bool relu, int num_threads) {
-  int64_t invalid = 0;
+std::pair<int64_t, bool> unpool_conv_transpose2d(const void* values, const void* switches, const void* weight,
+                                                void* output, DType dtype, SwitchType switch_type, int64_t batch,
+                                                int64_t in_channels, int64_t out_channels, const PoolGeometry& pool,
+                                                const ConvTransposeGeometry& g, bool relu, int num_threads) {
+  std::optional<int64_t> invalid;
   dispatch_dtype(dtype, [&](auto t) {
     using T = decltype(t);
     dispatch_switch(switch_type, [&](auto s) {
@@ -298,7 +340,12 @@ int64_t unpool_conv_transpose2d(const void* values, const void* switches, const 
         invalid = launch_rows<T, S, decltype(row_vecs)::value>(values, switches, weight, output, batch, in_channels,
                                                                out_channels, pool, g, relu, num_threads);
       };
-      const bool narrow = out_channels <= 4 && g.dilation_h == 1 && g.dilation_w == 1;
+      // The rows path accumulates the uncropped result: not where the padding crops most of it away (a frame
+      // sized by the padding rather than by the output). Counted in double: no overflow for any geometry.
+      const double frame_h = double(g.in_h - 1) * double(g.stride_h) + double(g.kernel_h);
+      const double frame_w = double(g.in_w - 1) * double(g.stride_w) + double(4 * L);
+      const bool frame_fits = frame_h * frame_w <= 4.0 * double(g.out_h) * double(g.out_w) + double(1 << 16);
+      const bool narrow = out_channels <= 4 && g.dilation_h == 1 && g.dilation_w == 1 && frame_fits;
       if (narrow && g.kernel_w <= L) {
         run_rows(std::integral_constant<int, 1>{});
       } else if (narrow && g.kernel_w <= 2 * L) {
@@ -316,7 +363,7 @@ int64_t unpool_conv_transpose2d(const void* values, const void* switches, const 
       }
     });
   });
-  return invalid;
+  return {invalid.value_or(0), invalid.has_value()};
 }
 
 // The CUDA kernels' algorithm on the CPU (test entry point, not a fast path): the tiled transposed

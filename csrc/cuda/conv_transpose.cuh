@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(kConvThreads, 1)
     for (int64_t c0 = 0; c0 < t.shape.in_per_group; c0 += t.ci_chunk) {
       conv_load_stage(t, b, s, source, weight, c0, thread, kConvThreads);
       __syncthreads();
-      conv_accumulate_stage<C, kCo>(t, s, c0, thread, acc);
+      conv_accumulate_stage<C, kCo>(t, b, s, c0, thread, acc);
       __syncthreads();  // the next stage (or block's taps) overwrites what was just read
     }
     conv_store_stage<T, C, kCo>(t, b, thread, acc, bias, out);

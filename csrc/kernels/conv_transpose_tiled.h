@@ -213,19 +213,42 @@ ZFK_HOST_DEVICE void conv_load_stage(const ConvTiling& t, const ConvBlock& b, co
   }
 }
 
-// Stage 2 (thread `thread`): its position's sums over the staged channels and the phase's taps, in a fixed order.
+// The taps [h_begin, h_end) x [w_begin, w_end) of the phase whose input lies inside the input map for thread
+// `thread`'s position. Only those are multiplied: the tile's zero halo times a NaN or infinite weight would
+// be NaN where torch forms no product at all. Shifts ascend with the tap index, so the taps whose input
+// row a - shift lies in [0, in_h) are one run (likewise columns): a few compares per stage.
+struct ConvThreadTaps {
+  int h_begin, h_end, w_begin, w_end;
+};
+
+template <typename C>
+ZFK_HOST_DEVICE ConvThreadTaps conv_thread_taps(const ConvTiling& t, const ConvBlock& b, const ConvShared<C>& s,
+                                                int thread) {
+  const int ty = thread / kConvTileCols, tx = thread - ty * kConvTileCols;
+  const int64_t a = b.a0 + ty, bb = b.b0 + tx;
+  ConvThreadTaps r{0, s.tap_count[0], 0, s.tap_count[1]};
+  while (r.h_begin < r.h_end && a - s.taps_h[r.h_begin].shift >= t.shape.g.in_h) ++r.h_begin;
+  while (r.h_end > r.h_begin && a - s.taps_h[r.h_end - 1].shift < 0) --r.h_end;
+  while (r.w_begin < r.w_end && bb - s.taps_w[r.w_begin].shift >= t.shape.g.in_w) ++r.w_begin;
+  while (r.w_end > r.w_begin && bb - s.taps_w[r.w_end - 1].shift < 0) --r.w_end;
+  return r;
+}
+
+// Stage 2 (thread `thread`): its position's sums over the staged channels and its taps, in a fixed order.
 template <typename C, int kCo>
-ZFK_HOST_DEVICE void conv_accumulate_stage(const ConvTiling& t, const ConvShared<C>& s, int64_t c0, int thread,
-                                           C (&acc)[kCo]) {
+ZFK_HOST_DEVICE void conv_accumulate_stage(const ConvTiling& t, const ConvBlock& b, const ConvShared<C>& s, int64_t c0,
+                                           int thread, C (&acc)[kCo]) {
+  const ConvThreadTaps taps = conv_thread_taps(t, b, s, thread);
   const int64_t chunk = t.shape.in_per_group - c0 < t.ci_chunk ? t.shape.in_per_group - c0 : t.ci_chunk;
   const int ty = thread / kConvTileCols, tx = thread - ty * kConvTileCols;
   const int taps_h = s.tap_count[0], taps_w = s.tap_count[1];
   const int64_t tile_w = conv_tile_in_w(t), tile = conv_tile_in_h(t) * tile_w;
   for (int64_t c = 0; c < chunk; ++c) {
-    const C* w = s.weight + c * taps_h * taps_w * kCo;
-    for (int th = 0; th < taps_h; ++th) {
+    const C* channel_weights = s.weight + c * taps_h * taps_w * kCo;
+    for (int th = taps.h_begin; th < taps.h_end; ++th) {
       const C* row = s.input + c * tile + (ty + t.halo_h - s.taps_h[th].shift) * tile_w + tx + t.halo_w;
-      for (int tw = 0; tw < taps_w; ++tw, w += kCo) {
+      const C* w = channel_weights + (th * taps_w + taps.w_begin) * kCo;
+      for (int tw = taps.w_begin; tw < taps.w_end; ++tw, w += kCo) {
         const C x = row[-s.taps_w[tw].shift];
         ZFK_UNROLL
         for (int o = 0; o < kCo; ++o) acc[o] += x * w[o];
@@ -333,7 +356,7 @@ void emulate_conv_tiles(const ConvTiling& t, const Source& source, const T* weig
       for (int thread = 0; thread < kConvThreads; ++thread)
         conv_load_stage(t, b, s, source, weight, c0, thread, kConvThreads);
       for (int thread = 0; thread < kConvThreads; ++thread)
-        conv_accumulate_stage<C, kCo>(t, s, c0, thread, acc[thread].v);
+        conv_accumulate_stage<C, kCo>(t, b, s, c0, thread, acc[thread].v);
     }
     for (int thread = 0; thread < kConvThreads; ++thread)
       conv_store_stage<T, C, kCo>(t, b, thread, acc[thread].v, bias, out);

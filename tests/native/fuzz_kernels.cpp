@@ -1,6 +1,7 @@
 // Memory-safety fuzz of every CPU launcher, built with -fsanitize=address,undefined by .ci/run:
 // random pool/conv geometries, NaN inputs and garbage switches (window-local and flat), each buffer
 // sized exactly, so any out-of-bounds read or write aborts the run.
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -34,7 +35,8 @@ template <typename T> void run(std::mt19937& rng, DType dt) {
     if (CH > 0 && CW > 0) {
       ConvTransposeGeometry cg{H, W, CH, CW, k2, k2, s2, s2, p2, p2, 1, 1};
       std::vector<T> w(planes * co * k2 * k2), o(co * CH * CW), b(co);
-      for (auto& x : w) store(&x, nd(rng));
+      for (auto& x : w) store(&x, rng() % 40 == 0 ? INFINITY : nd(rng));  // inf weights: the declining paths
+      cpu::all_finite(w.data(), dt, int64_t(w.size()));
       cpu::unpool_conv_transpose2d(vals.data(), swv.data(), w.data(), o.data(), dt, SwitchType::UInt8, 1, planes, co, g, cg, true, 2);
       if (co <= 4) {
         cpu::conv_transpose2d_direct(in.data(), w.data(), (rng() & 1) ? b.data() : nullptr, o.data(), dt, 1, planes, co, cg, 2);
@@ -52,6 +54,29 @@ template <typename T> void run(std::mt19937& rng, DType dt) {
     }
   }
 }
+// Windows far larger than the input (up to 4096 columns over a few): the decoder then drops its table and
+// divides, and the fused op's rows path may not fit its uncropped frame.
+void run_wide_windows(std::mt19937& rng) {
+  for (int iter = 0; iter < 300; ++iter) {
+    const int kw = 1 + rng() % 4096, pw = rng() % (kw / 2 + 1), W = std::max(1, kw - 2 * pw + int(rng() % 4));
+    const int sw = 1 + rng() % kw, OW = (W + 2 * pw - kw) / sw + 1, planes = 1 + rng() % 2;
+    PoolGeometry g{1, W, 1, OW, 1, kw, 1, sw, 0, pw};
+    std::vector<float> vals(planes * OW), unp(planes * W), gat(planes * OW);
+    std::vector<int32_t> swv(planes * OW);
+    for (auto& s : swv) s = int32_t(rng() % (kw + 2)) - 1;  // in and out of the window
+    for (auto& v : vals) v = float(rng() % 7) - 3.0f;
+    cpu::max_unpool2d(vals.data(), swv.data(), nullptr, unp.data(), DType::Float32, SwitchType::Int32, planes, g, true, 2);
+    cpu::gather_switches(unp.data(), swv.data(), gat.data(), DType::Float32, SwitchType::Int32, planes, g, 2);
+    const int k2 = 1 + rng() % 3, p2 = rng() % (W / 2 + 1), CW = W - 1 - 2 * p2 + k2;
+    if (CW > 0) {
+      ConvTransposeGeometry cg{1, W, k2, CW, k2, k2, 1, 1, 0, p2, 1, 1};
+      std::vector<float> w(planes * k2 * k2, 1.0f), o(k2 * CW);
+      cpu::unpool_conv_transpose2d(vals.data(), swv.data(), w.data(), o.data(), DType::Float32, SwitchType::Int32, 1,
+                                   planes, 1, g, cg, true, 2);
+    }
+  }
+}
+
 int fuzz_shared_elements();  // tests/native/fuzz_shared_elements.cpp
 // ZFNet's 3x3 stride-2 pool has its own float path (a walk down the plane with 8- or 16-lane vectors,
 // prefetching the next plane): the random geometries above rarely pick it, so it gets its own sizes.
@@ -73,6 +98,7 @@ void run_3x3_stride_2(std::mt19937& rng) {
 int main() {
   std::mt19937 rng(1);
   run_3x3_stride_2(rng);
+  run_wide_windows(rng);
   run<float>(rng, DType::Float32);
   run<double>(rng, DType::Float64);
   run<Half>(rng, DType::Float16);

@@ -7,6 +7,7 @@ are copied once here; dense GEMMs go to the vendor BLAS through torch.matmul.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .._extension import DTYPE_CODES, SWITCH_CODES, cpu_module, output_empty
 from . import reference
@@ -124,11 +125,37 @@ def relu_backward(grad, output, rule: int):
 _DIRECT_MAX_OUT_CHANNELS = 4  # csrc/cpu/conv_transpose.cpp instantiates 1 to 4
 
 
+def _all_finite(tensor) -> bool:
+    t = tensor.contiguous()
+    return cpu_module.all_finite(t.data_ptr(), DTYPE_CODES[t.dtype], t.numel())
+
+
+def _conv_transpose2d_exact(
+    input, weight, bias, stride: Pair, padding: Pair, output_padding: Pair, groups: int, dilation: Pair
+):
+    """For a weight holding NaN or inf: torch's float64 path (im2col + GEMM + col2im), which forms only real
+    input x weight products, rounded back once. Its float32 path runs oneDNN, which in some geometries
+    (mostly with output_padding) also multiplies padding by the weight: 0 * inf = NaN where no product is."""
+    out = F.conv_transpose2d(
+        input.double(),
+        weight.double(),
+        None if bias is None else bias.double(),
+        stride,
+        padding,
+        output_padding,
+        groups,
+        dilation,
+    )
+    return out.to(input.dtype)
+
+
 def conv_transpose2d(
     input, weight, bias, stride: Pair, padding: Pair, output_padding: Pair, groups: int, dilation: Pair
 ):
     """Few output channels (ZFNet's layer 1: 96 -> 3) run the direct kernel, where a GEMM would be all
-    overhead; wider convolutions run oneDNN's through torch, which measured faster than GEMM + col2im."""
+    overhead; wider convolutions run oneDNN's through torch, which measured faster than GEMM + col2im.
+    A weight holding NaN or inf runs _conv_transpose2d_exact (float64 needs no check: torch's float64 path
+    is already exact)."""
     x = input.contiguous()
     n, c_in, h, w = x.shape
     _, out_per_group, k_h, k_w = weight.shape
@@ -152,8 +179,12 @@ def conv_transpose2d(
             (k_h, k_w, *stride, *padding, *dilation),
             _threads(),
         ):
-            return out  # the kernel declines (returns False) other dtypes and dilations
-    return reference.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+            return out  # the kernel declines (returns False) other dtypes, dilations, and NaN/inf weights
+    args = (stride, padding, output_padding, groups, dilation)
+    # One pass over the weight (a small fraction of the convolution's work) picks the exact path.
+    if input.dtype != torch.float64 and not _all_finite(weight):
+        return _conv_transpose2d_exact(input, weight, bias, *args)
+    return reference.conv_transpose2d(input, weight, bias, *args)
 
 
 def unpool_conv_transpose2d(
@@ -178,7 +209,7 @@ def unpool_conv_transpose2d(
     pool_sizes, pool_params = pool_geometry_args(
         unpool_size, tuple(v.shape[-2:]), pool_kernel, pool_stride, pool_padding
     )
-    invalid = cpu_module.unpool_conv_transpose2d(
+    invalid, ran = cpu_module.unpool_conv_transpose2d(
         v.data_ptr(),
         s.data_ptr(),
         wt.data_ptr(),
@@ -195,6 +226,11 @@ def unpool_conv_transpose2d(
         relu,
         _threads(),
     )
+    if not ran:
+        # The weight holds a NaN or an infinity (the kernel declined, having read only the weight): torch's
+        # dense composition multiplies it by every zero of the unpooled map, so that composition runs here.
+        unpooled = _unpool(v, s, None, pool_kernel, pool_stride, pool_padding, unpool_size, relu)
+        return _conv_transpose2d_exact(unpooled, wt, None, stride, padding, output_padding, 1, (1, 1))
     check_no_invalid_switches(invalid)
     return out
 

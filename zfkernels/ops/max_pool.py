@@ -141,10 +141,10 @@ def max_pool2d_switches(
     Input is (N, C, H, W) or (C, H, W); outputs are contiguous.
     """
     check_tensor(input, "input", (3, 4))
-    check_nonempty_planes(input, "input")
     if not isinstance(ceil_mode, bool):
         raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
     kernel, stride_pair, pad = pool_params(kernel_size, stride, padding)
+    check_nonempty_planes(input, "input")  # after the arguments, as torch: a bad padding is named first
     check_pool_fits((input.shape[-2], input.shape[-1]), kernel, pad)
     batched = input.dim() == 4
     x = input if batched else input.unsqueeze(0)

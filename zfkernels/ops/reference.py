@@ -107,6 +107,12 @@ def relu_backward(grad, output, rule: int):
 def conv_transpose2d(
     input, weight, bias, stride: Pair, padding: Pair, output_padding: Pair, groups: int, dilation: Pair
 ):
+    if input.device.type == "cpu" and input.dtype != torch.float64 and not bool(torch.isfinite(weight).all()):
+        # Below float64 torch's CPU path is oneDNN, which in some geometries multiplies padding by a NaN/inf
+        # weight; float64 forms only the real input x weight products, the semantics every backend keeps.
+        wide = (t.double() if t is not None else None for t in (input, weight, bias))
+        out = F.conv_transpose2d(*wide, stride, padding, output_padding, groups, dilation)
+        return out.to(input.dtype).contiguous()
     return F.conv_transpose2d(
         input, weight, bias, stride, padding, output_padding, groups, dilation
     ).contiguous()
@@ -126,7 +132,7 @@ def unpool_conv_transpose2d(
     relu: bool,
 ):
     unpooled = max_unpool2d(values, switches, pool_kernel, pool_stride, pool_padding, unpool_size, relu)
-    return F.conv_transpose2d(unpooled, weight, None, stride, padding, output_padding).contiguous()
+    return conv_transpose2d(unpooled, weight, None, stride, padding, output_padding, 1, (1, 1))
 
 
 def renormalize_filters_(weight, radius: float):

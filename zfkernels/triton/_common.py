@@ -164,6 +164,18 @@ def check_plane_fits_int32(height: int, width: int) -> None:
         raise ValueError(f"triton backend: a {height}x{width} plane exceeds int32 indexing")
 
 
+def check_window_fits_int32(
+    kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+) -> None:
+    """Kernels compute window offsets (kh * kernel_w + kw, below the window's size) and origins in int32: a
+    larger pooling window is refused by name instead of overflowing."""
+    if kernel[0] * kernel[1] > INT32_LIMIT or max(*stride, *padding) > INT32_LIMIT:
+        raise ValueError(
+            f"triton backend: a {kernel[0]}x{kernel[1]} pooling window (kernel_size, stride {stride}, "
+            f"padding {padding}) exceeds int32 indexing"
+        )
+
+
 def is_tracing(tensor: torch.Tensor) -> bool:
     """True for fake/functional tensors or inside torch.compile: no data exists to look at (no .item())."""
     from torch._subclasses.fake_tensor import is_fake

@@ -8,6 +8,13 @@ maps the phase's pixel grid onto a shifted input grid. One program computes a BL
 M = pixels of one phase (image, row, column), N = output channels of one group, K = input channels of the
 group x the phase's taps, bias fused. Runs under TRITON_INTERPRET=1 on CPU tensors (how CI tests it).
 
+NaN and inf propagate as in torch, whose products are only those of real inputs and weights: a row of A
+outside the input is loaded as 0, and 0 * inf in the dot would be NaN. So the kernel is launched twice
+on a device-side flag (weight all finite, computed on the device: no host synchronization, and nothing
+data-dependent for torch.compile to trace): the plain GEMM runs when the flag is set, the EXACT variant,
+which keeps such rows out of the accumulator, when it is not; every program of the other launch returns
+at once. The plain kernel keeps its registers and pipelining: the variant is a separate compilation.
+
 bf16 travels as int16 bits (widened exactly, rounded to nearest even in integer math) so one code path runs
 compiled and interpreted; unpool_conv_transpose.py shares the store and the host helpers.
 """
@@ -73,6 +80,7 @@ def _conv_transpose2d_kernel(
     w_ptr,
     b_ptr,
     out_ptr,
+    finite_ptr,
     batch,
     in_h,
     in_w,
@@ -101,6 +109,7 @@ def _conv_transpose2d_kernel(
     tap_step_h,
     tap_step_w,
     HAS_BIAS: tl.constexpr,
+    EXACT: tl.constexpr,
     DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -108,6 +117,9 @@ def _conv_transpose2d_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    # finite_ptr: whether the weight is all finite. EXACT runs only when it is not, the plain GEMM when it is.
+    if tl.load(finite_ptr) == EXACT:
+        return
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_z = tl.program_id(2)  # (group, phase_h, phase_w)
@@ -167,7 +179,10 @@ def _conv_transpose2d_kernel(
                 if DTYPE == 3:  # widened inline: a jit call costs the interpreter more than the dot
                     a = bf16_to_float(a)
                     b = bf16_to_float(b)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                if EXACT:  # rows outside the input add nothing (their 0 times an inf weight would be NaN)
+                    acc = tl.where(a_mask, tl.dot(a, b, acc, input_precision=PRECISION), acc)
+                else:
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
                 a_ptrs += BLOCK_K * x_sc
                 b_ptrs += BLOCK_K * w_si
 
@@ -216,6 +231,11 @@ def gemm_tiles(dtype: torch.dtype, m_size: int, n_size: int, k_size: int) -> Til
     block_m = 64 if block_n >= 128 or dtype == torch.float64 else 128
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
     return Tiles(block_m, block_n, block_k, num_warps, 3 if dtype != torch.float64 else 2)
+
+
+def weight_is_finite(weight: Tensor) -> Tensor:
+    """A 0-dim bool on the weight's device: no NaN or inf in it (computed there, never read on the host)."""
+    return torch.isfinite(weight).all()
 
 
 def kernel_view(tensor: Tensor) -> Tensor:
@@ -267,39 +287,43 @@ def launch_conv_transpose2d(
     code = DTYPE_CODES[input.dtype]
     x, w = kernel_view(input), kernel_view(weight)
     b = kernel_view(bias) if bias is not None else w  # never read without HAS_BIAS
-    wrap_triton(_conv_transpose2d_kernel)[grid](
-        x,
-        w,
-        b,
-        kernel_view(out),
-        batch,
-        in_h,
-        in_w,
-        in_per_group,
-        out_per_group,
-        out_per_group * groups,
-        out_h,
-        out_w,
-        kernel_h,
-        kernel_w,
-        *x.stride(),
-        *w.stride(),
-        b.stride(0),
-        *stride,
-        *padding,
-        *dilation,
-        stride[0] // math.gcd(stride[0], dilation[0]),
-        stride[1] // math.gcd(stride[1], dilation[1]),
-        HAS_BIAS=bias is not None,
-        DTYPE=code,
-        PRECISION=DOT_PRECISION[code],
-        EVEN_K=in_per_group % tiles.block_k == 0,  # no channel mask needed
-        BLOCK_M=tiles.block_m,
-        BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k,
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
-    )
+    finite = weight_is_finite(weight)
+    for exact in (False, True):  # one of the two runs, chosen on the device (see the module docstring)
+        wrap_triton(_conv_transpose2d_kernel)[grid](
+            x,
+            w,
+            b,
+            kernel_view(out),
+            finite,
+            batch,
+            in_h,
+            in_w,
+            in_per_group,
+            out_per_group,
+            out_per_group * groups,
+            out_h,
+            out_w,
+            kernel_h,
+            kernel_w,
+            *x.stride(),
+            *w.stride(),
+            b.stride(0),
+            *stride,
+            *padding,
+            *dilation,
+            stride[0] // math.gcd(stride[0], dilation[0]),
+            stride[1] // math.gcd(stride[1], dilation[1]),
+            HAS_BIAS=bias is not None,
+            EXACT=exact,
+            DTYPE=code,
+            PRECISION=DOT_PRECISION[code],
+            EVEN_K=in_per_group % tiles.block_k == 0,  # no channel mask needed
+            BLOCK_M=tiles.block_m,
+            BLOCK_N=tiles.block_n,
+            BLOCK_K=tiles.block_k,
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )
     return out
 
 

@@ -24,6 +24,7 @@ from ._common import (
     bf16_to_float,
     check_device,
     check_plane_fits_int32,
+    check_window_fits_int32,
     count_invalid,
     first_window,
     last_window,
@@ -177,11 +178,14 @@ def unpool(
     n, c, pooled_h, pooled_w = v.shape
     out_h, out_w = output_size
     check_plane_fits_int32(out_h, out_w)
+    check_window_fits_int32(kernel, stride, padding)
     out = torch.empty((n, c, out_h, out_w), dtype=v.dtype, device=v.device)
     invalid = switch_counter(v.device, s.numel())
     if out.numel():
-        windows_h = triton.cdiv(kernel[0], stride[0])  # windows covering one row: ceil(kernel / stride)
-        windows_w = triton.cdiv(kernel[1], stride[1])
+        # windows covering one row: ceil(kernel / stride), and no more than there are (a window far wider
+        # than the map would otherwise make every element loop over its size)
+        windows_h = min(triton.cdiv(kernel[0], stride[0]), pooled_h)
+        windows_w = min(triton.cdiv(kernel[1], stride[1]), pooled_w)
         # programs cover the output and, block for block, the switches they validate
         programs = triton.cdiv(max(out.numel(), s.numel()), UNPOOL_BLOCK)
         launch(_unpool_kernel)[(programs,)](
@@ -233,6 +237,7 @@ def _gather_switches_op(
     source_h, source_w = src.shape[-2:]
     pooled_h, pooled_w = s.shape[-2:]
     check_plane_fits_int32(source_h, source_w)
+    check_window_fits_int32(tuple(kernel_size), tuple(stride), tuple(padding))
     out = torch.empty(s.shape, dtype=src.dtype, device=src.device)
     invalid = switch_counter(src.device, s.numel())
     if out.numel():

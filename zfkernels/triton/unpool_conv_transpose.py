@@ -8,6 +8,12 @@ rounded to the dtype, exactly as reference.max_unpool2d. The unpooled map is nev
 that come out all zero skip their weight load and dot. Invalid switches are never followed (a covered
 position's expected offset is the only value that matches) and are counted by a separate pass over the
 switches, which raises like every backend.
+
+NaN and inf propagate as in torch's dense composition, which multiplies every element of the unpooled map,
+zeros included, by the weight, and nothing outside the map: so an all-zero tile is skipped only when the
+weight is finite (else 0 * inf = NaN is part of the result), and rows outside the map (A loaded as 0) must
+add nothing. As in conv_transpose.py the kernel is launched twice on a device-side flag (weight all finite),
+the EXACT variant doing both; the programs of the launch that does not apply return at once.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from ._common import (
     backend_op,
     bf16_to_float,
     check_device,
+    check_window_fits_int32,
     float_to_bf16,
     is_tracing,
     raise_if_invalid,
@@ -41,6 +48,7 @@ from .conv_transpose import (
     gemm_tiles,
     kernel_view,
     store_rounded,
+    weight_is_finite,
 )
 
 COUNT_BLOCK = 1024  # switches per program of the invalid-switch count
@@ -52,6 +60,7 @@ def _unpool_conv_transpose2d_kernel(
     s_ptr,
     w_ptr,
     out_ptr,
+    finite_ptr,
     batch,
     in_channels,
     pooled_h,
@@ -90,6 +99,7 @@ def _unpool_conv_transpose2d_kernel(
     WINDOWS_H: tl.constexpr,
     WINDOWS_W: tl.constexpr,
     SKIP_EMPTY: tl.constexpr,
+    EXACT: tl.constexpr,
     DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -97,6 +107,9 @@ def _unpool_conv_transpose2d_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    # finite_ptr: whether the weight is all finite. EXACT runs only when it is not, the plain GEMM when it is.
+    if tl.load(finite_ptr) == EXACT:
+        return
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_z = tl.program_id(2)  # (phase_h, phase_w)
@@ -138,7 +151,8 @@ def _unpool_conv_transpose2d_kernel(
         # _common's first_window/last_window, inlined (a jit call costs the interpreter dearly).
         ph_first = tl.maximum(ih + first_shift_h, 0) // pool_stride_h
         more_h = tl.minimum((ih + pool_pad_h) // pool_stride_h, pooled_h - 1) - ph_first
-        more_h = tl.where(m_ok & (ih >= 0) & (ih < unpool_h), more_h, -1)
+        row_inside = m_ok & (ih >= 0) & (ih < unpool_h)
+        more_h = tl.where(row_inside, more_h, -1)
         w_row = w_tile + kh * w_sh
         for kw in range((phase_w + pad_w) % stride_w, kernel_w, stride_w):
             iw = col + (phase_w + pad_w - kw) // stride_w
@@ -206,8 +220,9 @@ def _unpool_conv_transpose2d_kernel(
                     a = total.to(tl.float16)
                 else:
                     a = total
-                # Unpooled maps are sparse (a switch per window, then relu): all-zero tiles add nothing.
-                if SKIP_EMPTY:
+                # Unpooled maps are sparse (a switch per window, then relu): all-zero tiles add nothing,
+                # unless the weight holds an infinity or NaN (EXACT), which torch multiplies by those zeros.
+                if SKIP_EMPTY and not EXACT:
                     nonzero = tl.max(tl.where(a != 0, 1, 0)) > 0
                 else:
                     nonzero = True
@@ -218,7 +233,11 @@ def _unpool_conv_transpose2d_kernel(
                         b = tl.load(b_ptrs, mask=(offs_k[:, None] < in_channels - k0) & n_mask, other=0)
                     if DTYPE == 3:
                         b = bf16_to_float(b)
-                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                    if EXACT:  # rows outside the unpooled map add nothing (their 0 times inf would be NaN)
+                        inside = (row_inside & (iw >= 0) & (iw < unpool_w))[:, None]
+                        acc = tl.where(inside, tl.dot(a, b, acc, input_precision=PRECISION), acc)
+                    else:
+                        acc = tl.dot(a, b, acc, input_precision=PRECISION)
                 s_tile += BLOCK_K * s_sc
                 v_tile += BLOCK_K * v_sc
                 b_ptrs += BLOCK_K * w_si
@@ -315,6 +334,7 @@ def launch_unpool_conv_transpose2d(
     out_h = conv_transpose_size(unpool_size[0], kernel_h, stride[0], padding[0], output_padding[0], 1)
     out_w = conv_transpose_size(unpool_size[1], kernel_w, stride[1], padding[1], output_padding[1], 1)
     out = torch.empty((batch, out_channels, out_h, out_w), dtype=values.dtype, device=values.device)
+    check_window_fits_int32(pool_kernel, pool_stride, pool_padding)
     if values.numel() and not is_tracing(values):
         _count_invalid_switches(switches, pool_kernel, pool_stride, pool_padding, unpool_size)
     if out.numel() == 0:
@@ -334,43 +354,49 @@ def launch_unpool_conv_transpose2d(
         )
     code = DTYPE_CODES[values.dtype]
     v, w = kernel_view(values), kernel_view(weight)
-    wrap_triton(_unpool_conv_transpose2d_kernel)[grid](
-        v,
-        switches,
-        w,
-        kernel_view(out),
-        batch,
-        in_channels,
-        pooled_h,
-        pooled_w,
-        *unpool_size,
-        out_channels,
-        out_h,
-        out_w,
-        kernel_h,
-        kernel_w,
-        *v.stride(),
-        *switches.stride(),
-        *w.stride(),
-        *pool_kernel,
-        *pool_stride,
-        *pool_padding,
-        *stride,
-        *padding,
-        RELU=relu,
-        FLAT=switches.dtype == torch.int64,
-        WINDOWS_H=triton.cdiv(pool_kernel[0], pool_stride[0]),  # windows covering one row, at most
-        WINDOWS_W=triton.cdiv(pool_kernel[1], pool_stride[1]),
-        SKIP_EMPTY=skip_empty,
-        DTYPE=code,
-        PRECISION=DOT_PRECISION[code],
-        EVEN_K=in_channels % tiles.block_k == 0,  # no channel mask needed
-        BLOCK_M=tiles.block_m,
-        BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k,
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
-    )
+    finite = weight_is_finite(weight)
+    for exact in (False, True):  # one of the two runs, chosen on the device (see the module docstring)
+        wrap_triton(_unpool_conv_transpose2d_kernel)[grid](
+            v,
+            switches,
+            w,
+            kernel_view(out),
+            finite,
+            batch,
+            in_channels,
+            pooled_h,
+            pooled_w,
+            *unpool_size,
+            out_channels,
+            out_h,
+            out_w,
+            kernel_h,
+            kernel_w,
+            *v.stride(),
+            *switches.stride(),
+            *w.stride(),
+            *pool_kernel,
+            *pool_stride,
+            *pool_padding,
+            *stride,
+            *padding,
+            RELU=relu,
+            FLAT=switches.dtype == torch.int64,
+            # windows covering one row, at most: ceil(kernel / stride), and no more than there are (a huge
+            # window over a small map would unroll its size)
+            WINDOWS_H=min(triton.cdiv(pool_kernel[0], pool_stride[0]), pooled_h),
+            WINDOWS_W=min(triton.cdiv(pool_kernel[1], pool_stride[1]), pooled_w),
+            SKIP_EMPTY=skip_empty,
+            EXACT=exact,
+            DTYPE=code,
+            PRECISION=DOT_PRECISION[code],
+            EVEN_K=in_channels % tiles.block_k == 0,  # no channel mask needed
+            BLOCK_M=tiles.block_m,
+            BLOCK_N=tiles.block_n,
+            BLOCK_K=tiles.block_k,
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )
     return out
 
 
