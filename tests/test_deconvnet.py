@@ -2,14 +2,16 @@
 
 The oracle: captum's NeuronDeconvolution (the gradient of one activation w.r.t. the input with every ReLU's
 backward replaced by ReLU of the gradient) times the activation's value. captum hooks nn.ReLU modules, so
-it gets stock models with out-of-place ReLUs; layers the deconvnet skips (normalization, batch-norm) are
-wrapped so their backward is the identity while their forward is unchanged.
+it gets stock models with out-of-place ReLUs; the layer the deconvnet skips (local response normalization)
+is wrapped so its backward is the identity while its forward is unchanged. Eval-mode batch-norm keeps its
+true backward: the deconvnet applies its transpose.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -37,7 +39,7 @@ RTOL = 1e-4
 
 # ------------------------------------------------------------------------------------------------ helpers
 class SkipBackward(nn.Module):
-    """A layer's forward with an identity backward: what the deconvnet does with normalization layers."""
+    """A layer's forward with an identity backward: what the deconvnet does with LRN layers."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
@@ -48,14 +50,15 @@ class SkipBackward(nn.Module):
 
 
 def captum_ready(model: nn.Module, *, skip_normalization: bool = True) -> nn.Module:
-    """A copy for captum: out-of-place ReLUs (captum hooks them), skipped layers with an identity backward
-    (``skip_normalization=False``: normalization layers keep their true backward, captum's own setting)."""
+    """A copy for captum: out-of-place ReLUs (captum hooks them), LRN layers with an identity backward as the
+    deconvnet skips them (``skip_normalization=False``: they keep their true backward, captum's own setting).
+    Batch-norm always keeps its true backward (the deconvnet applies its transpose)."""
     model = copy.deepcopy(model).eval()
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.ReLU):
                 child.inplace = False
-            elif skip_normalization and isinstance(child, (nn.LocalResponseNorm, nn.BatchNorm2d)):
+            elif skip_normalization and isinstance(child, nn.LocalResponseNorm):
                 setattr(module, name, SkipBackward(child))
     return model
 
@@ -263,7 +266,7 @@ def test_ties_and_all_zero_windows_match_captum(layer):
     assert_matches_captum(result, captum_ready(model), layer, images)
 
 
-def test_skipped_layers_batchnorm_lrn_dropout():
+def test_batchnorm_transposed_lrn_skipped_dropout_off():
     torch.manual_seed(7)
     model = nn.Sequential(
         OrderedDict(
@@ -337,12 +340,11 @@ def max_relative_difference(result: Projection, reference_model: nn.Module, laye
     return worst
 
 
-@pytest.mark.parametrize("normalization", ["batchnorm", "lrn"])
-def test_normalization_on_the_path_is_skipped_so_captum_differs(normalization):
-    # The documented condition: the projection is NeuronDeconvolution x value when no batch-norm or LRN
-    # lies on the path; with one, it is that of the same model with the layer's backward the identity.
+def test_lrn_on_the_path_is_skipped_so_captum_differs():
+    # The documented exception: with LRN on the path the projection is that of the same model with LRN's
+    # backward the identity (the paper skips it), not captum's NeuronDeconvolution x value.
     images = images_for((2, 3, 29, 27), seed=30)
-    model = normalized_chain(normalization)
+    model = normalized_chain("lrn")
     result = DeconvNet(model).project(images, "conv3", filters=[0, 3, 5])
     assert_matches_captum(result, captum_ready(model), "conv3", images)
     assert (
@@ -352,6 +354,18 @@ def test_normalization_on_the_path_is_skipped_so_captum_differs(normalization):
     plain.load_state_dict(model.state_dict(), strict=False)  # the same convs, nothing between them
     result = DeconvNet(plain).project(images, "conv3", filters=[0, 3, 5])
     assert_matches_captum(result, captum_ready(plain, skip_normalization=False), "conv3", images)
+
+
+def test_batchnorm_on_the_path_is_its_transpose_so_captum_agrees():
+    # Eval-mode batch-norm is affine: the projection goes through its transpose, batch-norm's true backward,
+    # so it is captum's NeuronDeconvolution x value; skipping it (the old rule) would differ by far.
+    images = images_for((2, 3, 29, 27), seed=30)
+    model = normalized_chain("batchnorm")
+    result = DeconvNet(model).project(images, "conv3", filters=[0, 3, 5])
+    assert_matches_captum(result, captum_ready(model, skip_normalization=False), "conv3", images)
+    skipped = copy.deepcopy(model)
+    skipped.norm1, skipped.norm2 = SkipBackward(model.norm1), SkipBackward(model.norm2)
+    assert max_relative_difference(result, captum_ready(skipped), "conv3", images) > 0.1
 
 
 def odd_chain() -> nn.Sequential:
@@ -658,7 +672,7 @@ def test_unknown_layer_lists_projectable_layers(alexnet_deconvnet):
     with pytest.raises(ValueError, match=r"'conv5' is not a module.*'features.10'"):
         alexnet_deconvnet.project(images_for((1, 3, 67, 67)), "conv5")
     with pytest.raises(ValueError, match=r"AdaptiveAvgPool2d.*'features.12'"):
-        alexnet_deconvnet.project(images_for((1, 3, 67, 67)), "avgpool")
+        alexnet_deconvnet.project(images_for((1, 3, 67, 67)), "avgpool", path="deconvnet")
     with pytest.raises(TypeError, match="layer must be a module name"):
         alexnet_deconvnet.project(images_for((1, 3, 67, 67)), 10)
 
@@ -763,11 +777,20 @@ class Residual(nn.Module):
     ids=["avg_pool", "grouped_conv", "dilated_conv", "tanh", "dilated_pool", "residual_add"],
 )
 def test_unsupported_op_on_the_path(model, layer, named):
+    # Not a chain: the deconvnet path refuses it, naming the op; "auto" takes the gradient path.
     deconvnet = DeconvNet(model.eval())
+    images = images_for((1, 3, 16, 16))
     with pytest.raises(ValueError, match=r"cannot be projected") as error:
-        deconvnet.project(images_for((1, 3, 16, 16)), layer)
+        deconvnet.project(images, layer, path="deconvnet")
     assert named in str(error.value) and "Supported: nn.Conv2d" in str(error.value)
     assert layer not in deconvnet.layers()
+    assert layer in deconvnet.layers(include_gradient_path=True)
+    assert deconvnet.path(layer) == "gradient"
+    with warnings.catch_warnings():  # patch() leaves a dilated pool alone and says so
+        warnings.simplefilter("ignore", UserWarning)
+        result = deconvnet.project(images, layer, filters=[0])
+    assert result.path == "gradient"
+    assert result.pixels.isfinite().all()
 
 
 class TwoInputs(nn.Module):

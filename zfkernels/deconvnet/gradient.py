@@ -37,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import nn as znn
 from ..ops._checks import pair
+from .chain import _DROPOUT_FUNCTIONS
 from .patching import deconvnet_mode, is_patched, patch, unpatch
 from .receptive_field import LayerGeometry, ReceptiveField
 
@@ -152,13 +153,9 @@ _POINTWISE_FUNCTIONS: set[Any] = {
     F.softplus,
     F.batch_norm,
     F.local_response_norm,
-    F.dropout,
-    F.dropout1d,
-    F.dropout2d,
-    F.dropout3d,
-    F.alpha_dropout,
-    F.feature_alpha_dropout,
+    *_DROPOUT_FUNCTIONS,
 }
+_POOL_FUNCTIONS = (F.max_pool2d, torch.max_pool2d, F.avg_pool2d, torch.avg_pool2d)
 _POINTWISE_METHODS = {
     "relu",
     "relu_",
@@ -290,20 +287,14 @@ def _function_field(node: fx.Node, inputs: list[Field], what: str) -> Field:
         if isinstance(producer, fx.Node) and isinstance(index, int) and _returns_tuple(producer):
             return source
         return WholeImage(f"{what} indexes a tensor (it may cut or shift the map)")
-    if target in (F.max_pool2d, torch.max_pool2d):
+    if target in _POOL_FUNCTIONS:
+        max_pool = target in (F.max_pool2d, torch.max_pool2d)  # avg_pool2d has no dilation (4th: ceil_mode)
         return _pool_field(
             source,
             _argument(node, 1, "kernel_size"),
             _argument(node, 2, "stride"),
             _argument(node, 3, "padding", 0),
-            _argument(node, 4, "dilation", 1),
-        )
-    if target in (F.avg_pool2d, torch.avg_pool2d):
-        return _pool_field(
-            source,
-            _argument(node, 1, "kernel_size"),
-            _argument(node, 2, "stride"),
-            _argument(node, 3, "padding", 0),
+            _argument(node, 4, "dilation", 1) if max_pool else 1,
         )
     return WholeImage(f"{what}: an op whose geometry is not known here")
 
