@@ -155,7 +155,7 @@ _POINTWISE_FUNCTIONS: set[Any] = {
     F.local_response_norm,
     *_DROPOUT_FUNCTIONS,
 }
-_POOL_FUNCTIONS = (F.max_pool2d, torch.max_pool2d, F.avg_pool2d, torch.avg_pool2d)
+_POOL_FUNCTIONS = (F.max_pool2d, torch.max_pool2d, F.avg_pool2d)
 _POINTWISE_METHODS = {
     "relu",
     "relu_",
