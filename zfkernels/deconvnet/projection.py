@@ -3,11 +3,14 @@
 For every image and every chosen filter of ``layer``, the strongest activation (or the ``top`` strongest)
 is kept alone, at its value, and sent down the paper's chain: unpool with the switches recorded on the way
 up (summing where overlapping windows share an argmax), ReLU, transposed conv with the same weights and no
-bias; normalization, batch-norm, dropout and identity layers are skipped. The result equals the
-activation's value times its gradient w.r.t. the input with every ReLU's backward replaced by ReLU of the
-gradient (captum's ``NeuronDeconvolution`` times the value) when no batch-norm or local response
-normalization lies on the path; with one, that gradient with the layer's backward taken as the identity
-(see :meth:`DeconvNet.project`).
+bias; eval-mode batch-norm goes down as its transpose (a per-channel scale), local response normalization
+is skipped as in the paper, dropout and identity layers change nothing. The result equals the activation's
+value times its gradient w.r.t. the input with every ReLU's backward replaced by ReLU of the gradient
+(captum's ``NeuronDeconvolution`` times the value), except that LRN's backward is taken as the identity
+(see :meth:`DeconvNet.project`). Layers whose path from the input is not such a chain (residual adds,
+concatenations, average pools...) take the gradient path (``gradient.py``): the same quantity by autograd
+through the model patched in ``deconvnet_mode``. :meth:`DeconvNet.forward` and
+:meth:`ForwardPass.project_entries` project chosen activations of several layers after one forward.
 
 Why it is fast: a single activation's signal is nonzero only inside its receptive field, so every step runs
 on a fixed-size window around it instead of the whole map, for all ``B * F * top`` projections at once:
@@ -145,7 +148,8 @@ class EntryProjection:
     ``values``: (n,), the activations (a value <= 0 projects to zeros).
     ``windows``: (n, C, rf_h, rf_w), each projection (value x deconvnet gradient) in the window of the
     layer's unclipped receptive field at that activation; zero where the window leaves the image. Equal to
-    ``Projection.crops()`` of :meth:`DeconvNet.project` for the same activation.
+    ``Projection.crops()`` of :meth:`DeconvNet.project` for the same activation (how exactly:
+    :meth:`ForwardPass.project_entries`).
     ``origins``: (n, 2) int64, each window's top-left ``(row, col)`` in image coordinates (negative where
     the field starts above or left of the image): window pixel ``(y, x)`` is image pixel
     ``(origin_row + y, origin_col + x)``.
@@ -838,9 +842,12 @@ class ForwardPass:
         ``entries``: (n, 4) integers ``(image, filter, row, col)`` (a tensor, or a sequence of 4-tuples):
         the image's index in this batch, the filter (channel) and the position in ``layer``'s output; any
         number per image, in any order, repeats allowed. Returns an :class:`EntryProjection`, row ``i`` for
-        entry ``i``. Each window equals ``DeconvNet.project(...).crops()`` of that activation: bit for bit
-        on the deconvnet path (the same kernels run); on the gradient path to rounding (the backward runs
-        on other batches), within 1e-6 of its largest value.
+        entry ``i``. Each window equals ``DeconvNet.project(...).crops()`` of that activation: on the
+        deconvnet path bit for bit when the same activations are projected together (the same kernels on
+        the same batches; oneDNN's transposed conv rounds differently for another batch size, so another
+        chunking agrees to rounding); on the gradient path to rounding (the backward runs on other
+        batches), within 1e-6 of its largest value. ValueError naming ``entries`` for an index out of range
+        or a wrong shape, naming the layer for one this forward did not run.
 
         Deconvnet path: the cropped deconvnet, chunked as in :meth:`DeconvNet.project`, the windows written
         straight into the (n, C, rf_h, rf_w) result (no image-sized plane). Gradient path: one backward pass
