@@ -93,8 +93,10 @@ class LayerProjections:
             tensor = getattr(self, name)
             expected = (channels, k, *(window if trailing is None else trailing))
             if tuple(tensor.shape) != expected:
+                source = "C, k from values" + (", the window from pixels" if trailing is None else "")
                 raise ValueError(
-                    f"{name} must have shape {expected} (layer {self.layer!r}), got {tuple(tensor.shape)}"
+                    f"{name} must have shape {expected} ({source}; layer {self.layer!r}), "
+                    f"got {tuple(tensor.shape)}"
                 )
             if tensor.dtype not in dtypes:
                 allowed = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
