@@ -142,9 +142,8 @@ class ProjectedMining:
     def layer(self, name: str) -> LayerProjections:
         """The layer called `name`; a ValueError lists the known layers otherwise."""
         if name not in self.layers:
-            raise ValueError(
-                f"layer {name!r} is not in the result; it has {', '.join(map(repr, self.layers))}"
-            )
+            known = ", ".join(map(repr, self.layers)) or "no layers"
+            raise ValueError(f"layer {name!r} is not in the result; it has {known}")
         return self.layers[name]
 
     def name(self, index: int) -> str:
