@@ -24,6 +24,7 @@ from .data import (
     to_display,
     weights_fingerprint,
 )
+from .gallery import figure2_blocks, render_figure2, render_gallery
 from .mining import (
     FORMAT_VERSION,
     Mining,
@@ -37,6 +38,7 @@ from .mining import (
     mining_identity,
     prepare_output,
 )
+from .results import PROJECTIONS_FORMAT, LayerProjections, ProjectedMining, load_projections
 
 __all__ = [
     "FORMAT_VERSION",
@@ -71,4 +73,11 @@ __all__ = [
     "shard_indices",
     "to_display",
     "weights_fingerprint",
+    "LayerProjections",
+    "PROJECTIONS_FORMAT",
+    "ProjectedMining",
+    "figure2_blocks",
+    "load_projections",
+    "render_figure2",
+    "render_gallery",
 ]
