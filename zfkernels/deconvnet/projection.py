@@ -347,22 +347,23 @@ def _outside_zeroed(signal: Tensor, origin: Tensor, size: Pair) -> Tensor:
     return signal.mul_(inside)  # every window is a fresh tensor of this module's own
 
 
-def _padded(switches: Tensor, window: Pair) -> Tensor:
-    """Switches padded by a window on every side, so any window that meets the map can be sliced."""
+def _gather_windows(switches: Tensor, image_index: Tensor, origin: Tensor, window: Pair) -> Tensor:
+    """(n, C, h, w): each projection's window of its own image's switches, 0 where it leaves the map (those
+    positions' signal is zeroed by `_outside_zeroed`, so any switch there is never used).
+
+    One clipped slice copy per projection into a zeroed block: each is small enough to run inline, where a
+    single advanced-indexing gather measured 3-4x slower (it waits on the thread pool), and padding every
+    image's switches first cost more than the copies (a full pass over the batch's maps per layer)."""
     h, w = window
-    return F.pad(switches, (w, w, h, h))
-
-
-def _gather_windows(padded: Tensor, image_index: Tensor, origin: Tensor, window: Pair) -> Tensor:
-    """(n, C, h, w): each projection's window of its own image's (padded) switches.
-
-    One slice copy per projection: each is small enough to run inline, where a single advanced-indexing
-    gather measured 3-4x slower (it waits on the thread pool)."""
-    h, w = window
-    out = padded.new_empty((origin.shape[0], padded.shape[1], h, w))
-    rows, cols = (origin[:, 0] + h).tolist(), (origin[:, 1] + w).tolist()
+    height, width = switches.shape[-2:]
+    out = switches.new_zeros((origin.shape[0], switches.shape[1], h, w))
+    rows, cols = origin[:, 0].tolist(), origin[:, 1].tolist()
     for i, (image, row, col) in enumerate(zip(image_index.tolist(), rows, cols, strict=True)):
-        out[i] = padded[image, :, row : row + h, col : col + w]
+        top, left, bottom, right = max(row, 0), max(col, 0), min(row + h, height), min(col + w, width)
+        if top < bottom and left < right:
+            out[i, :, top - row : bottom - row, left - col : right - col] = switches[
+                image, :, top:bottom, left:right
+            ]
     return out
 
 
@@ -539,9 +540,11 @@ class DeconvNet:
         records: dict[str, ChainForward] = {}
         chains = {name: self.chain(name) for name in chain_layers}
         for chain in chains.values():
-            self._check_images(images, chain)
+            self._check_images(images, chain, finite=False)
         if gradient_layers:
-            self._check_gradient_images(images)
+            self._check_gradient_images(images, finite=False)
+        if names:
+            _check_finite_images(images)  # once for all the layers: a full pass over the batch
         with _eval_mode(self.model):
             if chain_layers:
                 with torch.no_grad():
@@ -629,7 +632,7 @@ class DeconvNet:
             if chain.traced:  # a traced chain is the forward's structure: once per layer and size
                 self._checked.add(key)
 
-    def _check_gradient_images(self, images: Tensor) -> None:
+    def _check_gradient_images(self, images: Tensor, *, finite: bool = True) -> None:
         if not isinstance(images, Tensor):
             raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if images.dim() != 4:
@@ -645,7 +648,8 @@ class DeconvNet:
                 raise ValueError(
                     f"images must be on the model's device {parameter.device}, got {images.device}"
                 )
-        _check_finite_images(images)
+        if finite:
+            _check_finite_images(images)
 
     def _gradient_forward(self, images: Tensor, layers: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
         graph = self._chains.graph
@@ -699,7 +703,7 @@ class DeconvNet:
                 flat[entries] = gradients.mul_(value[entries].view(-1, 1, 1, 1))
         return Projection(pixels, values, positions, boxes, layer, selected, field, path="gradient")
 
-    def _check_images(self, images: Tensor, chain: Chain) -> list[Pair]:
+    def _check_images(self, images: Tensor, chain: Chain, *, finite: bool = True) -> list[Pair]:
         if not isinstance(images, Tensor):
             raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if images.dim() != 4:
@@ -727,7 +731,8 @@ class DeconvNet:
                         f"layer {chain.layer!r} cannot be projected: {after.name!r} takes "
                         f"{after.in_channels} channels but {before.name!r} gives {before.out_channels}"
                     )
-        _check_finite_images(images)
+        if finite:
+            _check_finite_images(images)
         return chain.sizes((images.shape[-2], images.shape[-1]))
 
     def _project(
@@ -776,18 +781,13 @@ class DeconvNet:
         image, ``(n, C, h, w)``) and their origins go to ``sink(index, windows, origins)``, ``index`` being
         the chunk's entries."""
         chunk = max(1, self.chunk_bytes // max(plan.bytes_per_projection, 1))
-        # The padded switches are shared by all chunks: pad them once.
-        padded = {
-            step.pool_index: _padded(record.switches[step.pool_index], step.in_window)
-            for step in plan.steps
-            if step.pool is not None
-        }
+        switches = {step.pool_index: record.switches[step.pool_index] for step in plan.steps if step.pool}
         for start in range(0, order.shape[0], chunk):
             index = order[start : start + chunk]
             images = image_index[index]
             window, origin = _seed(plan, record, images, channel[index], value[index], position[index])
             for step in plan.steps[plan.shared_steps :]:
-                window, origin = _run_step(step, window, origin, images, padded)
+                window, origin = _run_step(step, window, origin, images, switches)
             sink(index, window, origin)
 
 
@@ -1095,18 +1095,18 @@ def _origin_below(step: _Step, origin: Tensor) -> Tensor:
 
 
 def _run_step(
-    step: _Step, window: Tensor, origin: Tensor, image_index: Tensor, padded: dict[int, Tensor]
+    step: _Step, window: Tensor, origin: Tensor, image_index: Tensor, switches: dict[int, Tensor]
 ) -> tuple[Tensor, Tensor]:
     """One step on a batch of windows: the output windows and their origins."""
     window = _outside_zeroed(window, origin, step.in_size)
     window = _elementwise(window, step.pre)
     pool, conv = step.pool, step.conv
     if pool is not None:
-        switches = _gather_windows(padded[step.pool_index], image_index, origin, step.in_window)
+        gathered = _gather_windows(switches[step.pool_index], image_index, origin, step.in_window)
         unpooled = tuple((step.in_window[i] - 1) * pool.stride[i] + pool.kernel[i] for i in range(2))
         if conv is None or step.post:
             window = ops.max_unpool2d(
-                window, switches, pool.kernel, pool.stride, 0, unpooled, relu=step.post_relu
+                window, gathered, pool.kernel, pool.stride, 0, unpooled, relu=step.post_relu
             )
             window = _elementwise(window, step.post)
             if conv is not None:
@@ -1114,7 +1114,7 @@ def _run_step(
         else:
             window = ops.unpool_conv_transpose2d(
                 window,
-                switches,
+                gathered,
                 step.weight,
                 pool_kernel_size=pool.kernel,
                 pool_stride=pool.stride,
