@@ -37,13 +37,15 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+if TYPE_CHECKING:
+    from .results import ProjectedMining
 from .data import (
     ShardSampler,
     Unreadable,
@@ -138,6 +140,13 @@ class Mining:
         if layer not in self.tables:
             raise KeyError(f"layer {layer!r} was not mined; mined layers: {', '.join(self.layers)}")
         return self.tables[layer]
+
+    def project(self, model: nn.Module, dataset: Dataset, **options: Any) -> ProjectedMining:
+        """Every entry projected to pixel space: :func:`~zfkernels.analysis.projection.project_mining`
+        (``model`` and ``dataset`` are the mined ones; ``options`` are its keyword arguments)."""
+        from .projection import project_mining
+
+        return project_mining(self, model, dataset, **options)
 
     def distinct_images(self) -> list[int]:
         """The sorted dataset indices that appear in any table: the images a projection must load."""
