@@ -1,4 +1,4 @@
-"""`python -m zfkernels bench|info`: the same command as the `zfkernels` entry point."""
+"""`python -m zfkernels bench|visualize|info` (torchrun too): the `zfkernels` command."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""The `zfkernels` command: `zfkernels bench` (the package's main job) and `zfkernels info`.
+"""The `zfkernels` command: `zfkernels bench` (the package's main job), `zfkernels visualize` (the paper's
+Fig. 2 for a model and a folder of images) and `zfkernels info`.
 
 Mistakes in what is asked for (an unknown op, a device this machine lacks, an output directory that cannot
 be written) end in one line on stderr and exit status 2, never a traceback. `bench` exits 1 when a
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zfkernels", description="Fast, exact Zeiler & Fergus deconvnet kernels."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{bench,info}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{bench,visualize,info}")
     bench = commands.add_parser(
         "bench",
         help="benchmark the ops against stock PyTorch (eager and torch.compile) at ZFNet shapes, and two "
@@ -156,8 +157,62 @@ def build_parser() -> argparse.ArgumentParser:
         "that follow the other providers' memory churn); op cases only",
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_visualize(commands)
     commands.add_parser("info", help="versions, backends and what was built")
     return parser
+
+
+def _add_visualize(commands: argparse._SubParsersAction) -> None:
+    visualize = commands.add_parser(
+        "visualize",
+        help="the paper's Fig. 2 for a dataset: every filter's top-k activations, projected, as PNGs and a "
+        "browsable HTML gallery",
+        description="Mine a folder of images for the k strongest activations of every filter of every conv "
+        "layer (one streaming pass, resumable), project each to pixel space beside the image patch it sees, "
+        "and write the Fig. 2 PNGs and a static HTML gallery (open OUT/index.html). Under torchrun (-m "
+        "zfkernels visualize) the work is split over the processes, with the same result.",
+    )
+    visualize.add_argument(
+        "--model", default="zfnet", help="zfnet or a torchvision classification model name; default zfnet"
+    )
+    visualize.add_argument(
+        "--weights",
+        type=Path,
+        help="state dict file (read with torch.load(weights_only=True)); default: random init (--seed)",
+    )
+    visualize.add_argument(
+        "--data",
+        type=Path,
+        help="folder of JPEG/PNG images (searched recursively); default: the 18 photos scikit-image ships",
+    )
+    visualize.add_argument(
+        "--out", type=Path, default=Path("gallery"), help="output directory (default gallery)"
+    )
+    visualize.add_argument(
+        "--layers", type=_comma_list, help="comma-separated module names; default every conv layer"
+    )
+    visualize.add_argument("--k", type=_positive_int, default=9, help="activations per filter (default 9)")
+    visualize.add_argument("--batch", type=_positive_int, default=64, help="images per forward (default 64)")
+    visualize.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    visualize.add_argument(
+        "--resize", type=_positive_int, help="shorter side before the center crop; default the model's (256)"
+    )
+    visualize.add_argument("--crop", type=_positive_int, help="center crop size; default the model's (224)")
+    visualize.add_argument(
+        "--device", help="cpu or cuda[:N]; default cuda when present (torchrun: LOCAL_RANK)"
+    )
+    visualize.add_argument(
+        "--seed", type=int, default=0, help="random init seed without --weights (default 0)"
+    )
+    visualize.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=5000,
+        help="images between checkpoints (default 5000)",
+    )
+    visualize.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoints")
+    visualize.add_argument("--overwrite", action="store_true", help="replace a different run's result in OUT")
+    visualize.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _resolve_device(requested: str | None) -> str:
@@ -324,10 +379,56 @@ def _info() -> int:
     return EXIT_OK
 
 
+def _visualize(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .analysis import ImageFolderDataset, SamplePhotos, default_preprocessing, load_model
+    from .analysis.visualize import _distributed_device, visualize
+
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other: continue the run, or start over")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if args.device is not None:
+        _resolve_device(args.device)  # a device this machine lacks: one line, before any work
+    try:
+        device = _distributed_device(args.device)
+        model = load_model(args.model, args.weights, seed=args.seed).to(device)
+        preprocess = default_preprocessing(args.model)
+        changes = {
+            name: getattr(args, name) for name in ("resize", "crop") if getattr(args, name) is not None
+        }
+        preprocess = dataclasses.replace(preprocess, **changes)
+        if args.data is None:
+            dataset = SamplePhotos(preprocess)
+            print(f"no --data: using the {len(dataset)} photos scikit-image ships", file=sys.stderr)
+        else:
+            dataset = ImageFolderDataset(args.data, preprocess)
+        index = visualize(
+            model,
+            dataset,
+            args.out,
+            layers=args.layers,
+            k=args.k,
+            batch_size=args.batch,
+            num_workers=args.workers,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (ValueError, ImportError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+    if index is not None:
+        print(f"gallery: {index}")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"bench": _bench, "visualize": _visualize}
     try:
-        return _bench(args) if args.command == "bench" else _info()
+        return commands[args.command](args) if args.command in commands else _info()
     except UsageError as error:
         print(f"zfkernels {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE

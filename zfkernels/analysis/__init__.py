@@ -1,12 +1,15 @@
-"""The paper's experiments as tools: dataset-scale top-k mining (Fig. 2), with the data and model loading
-they share. Compute is separate from drawing: these functions return dataclasses of tensors."""
+"""The paper's experiments as tools: dataset-scale top-k mining and its projection (Fig. 2), the figures
+and the gallery, with the data and model loading they share. Compute is separate from drawing: mining and
+projection return dataclasses of tensors; gallery.py only draws them."""
 
 from .data import (
     IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    SAMPLE_PHOTOS,
     ImageFolderDataset,
     Preprocess,
+    SamplePhotos,
     ShardSampler,
     Unreadable,
     current_rank_and_world_size,
@@ -38,7 +41,9 @@ from .mining import (
     mining_identity,
     prepare_output,
 )
+from .projection import ProjectionMismatchWarning, project_mining
 from .results import PROJECTIONS_FORMAT, LayerProjections, ProjectedMining, load_projections
+from .visualize import visualize
 
 __all__ = [
     "FORMAT_VERSION",
@@ -49,6 +54,9 @@ __all__ = [
     "Mining",
     "NaNActivationWarning",
     "Preprocess",
+    "ProjectionMismatchWarning",
+    "SAMPLE_PHOTOS",
+    "SamplePhotos",
     "ShardSampler",
     "SkippedImageWarning",
     "TopK",
@@ -70,8 +78,10 @@ __all__ = [
     "model_description",
     "model_names",
     "prepare_output",
+    "project_mining",
     "shard_indices",
     "to_display",
+    "visualize",
     "weights_fingerprint",
     "LayerProjections",
     "PROJECTIONS_FORMAT",

@@ -287,12 +287,85 @@ class ImageFolderDataset(Dataset):
         return f"ImageFolderDataset({str(self.root)!r}, {len(self)} images)"
 
 
+# scikit-image's bundled photos (no download): the default images of `zfkernels visualize` and of the
+# README's figure. Grayscale ones are shown to the model as RGB.
+SAMPLE_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "colorwheel",
+    "camera",
+    "coins",
+    "page",
+    "text",
+    "cell",
+    "brick",
+    "grass",
+    "gravel",
+    "moon",
+    "clock",
+)
+
+
+class SamplePhotos(Dataset):
+    """The real photos scikit-image ships (:data:`SAMPLE_PHOTOS`: an astronaut, a cat, coffee, a rocket, a
+    retina, coins, textures...), each as ``transform(RGB PIL image)`` (default :class:`Preprocess`).
+
+    A small dataset that needs no download, for trying the analysis tools and for tests; ``name(i)`` is the
+    photo's name in ``skimage.data`` (e.g. ``"astronaut"``).
+    """
+
+    def __init__(self, transform: Callable[[Any], Any] | None = None):
+        try:
+            import skimage.data
+        except ImportError as error:
+            raise ImportError(
+                "SamplePhotos needs scikit-image (pip install scikit-image); or pass your own images"
+            ) from error
+        if transform is not None and not callable(transform):
+            raise TypeError(
+                f"transform must be callable (PIL image -> tensor), got {type(transform).__name__}"
+            )
+        self._data = skimage.data
+        self.transform = Preprocess() if transform is None else transform
+
+    def __len__(self) -> int:
+        return len(SAMPLE_PHOTOS)
+
+    def name(self, index: int) -> str:
+        return SAMPLE_PHOTOS[index]
+
+    def __getitem__(self, index: int) -> Any:
+        import numpy as np
+        from PIL import Image
+
+        pixels = np.asarray(getattr(self._data, SAMPLE_PHOTOS[index])())
+        if pixels.ndim == 2:
+            pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+        return self.transform(Image.fromarray(pixels[:, :, :3]))
+
+    def fingerprint(self) -> str:
+        import skimage
+
+        return f"skimage {skimage.__version__}: {','.join(SAMPLE_PHOTOS)}"
+
+    def describe_preprocessing(self) -> Any:
+        return describe_preprocessing(self.transform)
+
+    def __repr__(self) -> str:
+        return f"SamplePhotos({len(self)} scikit-image photos)"
+
+
 def image_name(dataset: Dataset, index: int) -> str:
-    """A name for item ``index``: the relative path for :class:`ImageFolderDataset`, ``samples[i][0]`` for
-    torchvision's ``ImageFolder``/``DatasetFolder``, the base dataset's name through a ``Subset``, else
-    ``"#<index>"``."""
-    if isinstance(dataset, ImageFolderDataset):
-        return dataset.name(index)
+    """A name for item ``index``: the relative path for :class:`ImageFolderDataset`, ``name(i)`` for a
+    dataset with a ``name`` method (:class:`SamplePhotos`), ``samples[i][0]`` for torchvision's
+    ``ImageFolder``/``DatasetFolder``, the base dataset's name through a ``Subset``, else ``"#<index>"``."""
+    if isinstance(dataset, ImageFolderDataset) or callable(getattr(dataset, "name", None)):
+        return str(dataset.name(index))  # type: ignore[attr-defined]
     if isinstance(dataset, Subset):
         return image_name(dataset.dataset, int(dataset.indices[index]))
     samples = getattr(dataset, "samples", None)
