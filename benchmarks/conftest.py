@@ -7,6 +7,7 @@ ZFK_BENCH_THREADS  CPU threads to pin (default torch's own count)
 ZFK_BENCH_ALL      1 for every mode and both dtypes; default the issue-2 set of `zfkernels bench`
 ZFK_BENCH_FULL     1 for the end-to-end cases' full workloads (deconvnet: 9 images x 256 filters, where one
                    captum call takes minutes); default the reduced ones of `zfkernels bench --quick`
+ZFK_BENCH_ANALYSIS 1 to add the opt-in analysis cases (mining and projection of AlexNet's top-9; minutes)
 
 Run with `python -m pytest benchmarks --benchmark-only`; the default `pytest` run never collects this
 directory (pyproject's testpaths is ["tests"]).
@@ -21,6 +22,7 @@ import torch
 
 from zfkernels.bench.cases import (
     DTYPES,
+    END_TO_END,
     MODES,
     BuiltCase,
     BuiltEndToEnd,
@@ -33,6 +35,7 @@ from zfkernels.bench.cases import (
 BATCH = int(os.environ.get("ZFK_BENCH_BATCH", "8"))
 DEVICE = os.environ.get("ZFK_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 EVERY_CASE = os.environ.get("ZFK_BENCH_ALL") == "1"
+ANALYSIS = os.environ.get("ZFK_BENCH_ANALYSIS") == "1"
 FULL_END_TO_END = os.environ.get("ZFK_BENCH_FULL") == "1"
 if os.environ.get("ZFK_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["ZFK_BENCH_THREADS"]))
@@ -55,6 +58,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     cases = select_cases(
         modes=MODES if EVERY_CASE else None, dtypes=tuple(DTYPES) if EVERY_CASE else ("fp32",)
     )
+    if ANALYSIS:  # opt-in cases: named, as `zfkernels bench --ops mining,projection` does
+        cases += select_cases(ops=[name for name, spec in END_TO_END.items() if spec.opt_in])
     pairs = [(case, provider) for case in cases for provider in providers_for(case, DEVICE)]
     metafunc.parametrize(
         ("case", "provider"),

@@ -354,7 +354,7 @@ def test_cli_default_runs_every_mode_in_fp32_and_bf16_and_quick_a_subset():
 def test_cli_quick_keeps_captum_and_leaves_out_compile_and_the_reference():
     _, settings, _ = _plan(build_parser().parse_args(["bench", "--quick"]))
     captum = [] if provider_unavailable("captum") else ["captum"]
-    assert settings.providers == ["eager", *captum, "cpu"]
+    assert settings.providers == ["eager", *captum, "forward", "cpu"]
     assert settings.quick and settings.batch == 8 and settings.policy.long_budget_s < 10
 
 
@@ -367,3 +367,72 @@ def test_cli_quick_deconvnet_end_to_end(tmp_path, capsys):
     run = load_run(output / "results.json")
     assert run.settings.quick and [c.status for c in run.cells] == [OK, OK]
     assert END_TO_END["deconvnet"].bars  # the targets the report judged come from the spec
+
+
+# ------------------------------------------------------------------------- the analysis cases (issue 13)
+MINING = Case("mining", "AlexNet.2048", "forward", "fp32")
+PROJECTION = Case("projection", "AlexNet.2048", "forward", "fp32")
+
+
+def test_analysis_cases_are_opt_in_and_measure_one_backend_against_a_floor():
+    assert MINING not in select_cases() and PROJECTION not in select_cases()  # minutes each: by name only
+    assert select_cases(ops=["mining", "projection"]) == [MINING, PROJECTION]
+    assert providers_for(MINING, "cpu") == ["forward", "cpu"]  # mining uses no zfkernels op: one backend
+    assert providers_for(PROJECTION, "cpu")[:2] == ["forward", "captum"]
+
+
+def _tiny_analysis(monkeypatch):
+    import zfkernels.bench.analysis as analysis
+
+    monkeypatch.setattr(analysis, "QUICK_MINING_IMAGES", 12)
+    monkeypatch.setattr(analysis, "MINING_K", 1)  # 1,152 entries, not 10,368: the same code, 9x less work
+    monkeypatch.setattr(analysis, "MINING_BATCH", 5)
+    monkeypatch.setattr(analysis, "PROJECTION_BATCH", 4)
+
+
+def test_projection_case_checks_ours_and_captum_never_the_floor_and_scales_captum(monkeypatch):
+    _tiny_analysis(monkeypatch)
+    built = PROJECTION.build(batch=1, device="cpu", image_size=DECONVNET_SIDE, quick=True)
+    assert built.workload.time_scale == {"captum": 1152 / 5}
+    cells = measure_case(built, ["forward", "captum", "cpu"], TimingPolicy(repeats=1))
+    assert [c.status for c in cells] == [OK, OK, OK], [c.message for c in cells]
+    assert cells[0].message.startswith("not checked: the floor")
+    assert [c.time_scale for c in cells] == [1.0, 1152 / 5, 1.0]
+    # The check is real: a projection off by more than the tolerance fails and is never timed.
+    ours = built.workload.ours
+
+    def wrong() -> ProviderCall:
+        call = ours()
+        return ProviderCall(call.run, lambda result: tuple(t * 1.01 for t in call.comparable(result)))
+
+    monkeypatch.setattr(built.workload, "ours", wrong)
+    (cell,) = measure_case(built, ["cpu"], TimingPolicy(repeats=1))
+    assert cell.status == FAILED and cell.timing is None
+
+
+def test_targets_scale_a_sampled_provider_and_state_a_floor_as_a_cost(monkeypatch, tmp_path):
+    _tiny_analysis(monkeypatch)
+    settings = Settings(
+        device="cpu",
+        batch=1,
+        image_size=DECONVNET_SIDE,
+        threads=torch.get_num_threads(),
+        providers=["forward", "captum", "cpu"],
+        policy=TimingPolicy(repeats=1),
+        copy_mib=1,
+        copy_processes=0,
+        quick=True,
+    )
+    run = run_cases([MINING, PROJECTION], settings, progress=False)
+    lines = target_lines(run)
+    mining = next(line for line in lines if line.startswith("mining"))
+    projection = next(line for line in lines if line.startswith("projection"))
+    assert "the time of forward (target <= 1.10x" in mining
+    assert "the time of forward (target <= 1.50x" in projection
+    assert "faster than captum (its time x 230: it ran a sample) (target >= 5x" in projection
+    cells = {c.provider: c for c in run.cells if c.op == "projection"}
+    ratio = cells["captum"].timing.median_ms * 1152 / 5 / cells["cpu"].timing.median_ms
+    assert f"{ratio:.1f}x faster than captum" in projection
+    write_outputs(run, tmp_path)
+    loaded = {(c.op, c.provider): c for c in load_run(tmp_path / "results.json").cells}
+    assert loaded["projection", "captum"].time_scale == 1152 / 5

@@ -22,6 +22,7 @@ import torch
 
 from .bench import report
 from .bench.cases import (
+    BASELINE_PROVIDERS,
     DEFAULT_IMAGE_SIZE,
     DTYPES,
     END_TO_END,
@@ -88,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark every zfkernels op against stock PyTorch eager and torch.compile at the "
         "shapes of ZFNet's five layers, plus two end-to-end cases: zfnet_train (one SGD step of ZFNet) and "
         "deconvnet (top-1 projections of all 256 conv5 filters of AlexNet for 9 images, also against "
-        "captum). Each provider's result is checked against the reference before it is timed.",
+        "captum). Opt-in (--ops mining,projection): the analysis workloads, mining AlexNet's top-9 over "
+        "2,048 images and projecting it, against the plain forward pass and captum. Each provider's result "
+        "is checked against the reference before it is timed.",
     )
     bench.add_argument(
         "--quick",
@@ -286,14 +289,19 @@ def _plan(args: argparse.Namespace) -> tuple[list[Case], Settings, list[str]]:
             reason = provider_unavailable(provider)
             if reason is not None:
                 raise UsageError(f"provider {provider!r} is not available: {reason}")
-        known = [*STOCK_PROVIDERS, *THIRD_PARTY_PROVIDERS, *backend_providers(device)]
+        known = [*STOCK_PROVIDERS, *THIRD_PARTY_PROVIDERS, *BASELINE_PROVIDERS, *backend_providers(device)]
         unknown = [p for p in providers if p not in known]
         if unknown:
             names = ", ".join(map(repr, unknown))
             raise UsageError(f"provider {names} does not run on {device}; choose from {', '.join(known)}")
     elif args.quick:  # compiling alone takes minutes on 2 cores, and the reference is the slow floor
         third_party = [p for p in THIRD_PARTY_PROVIDERS if provider_unavailable(p) is None]
-        providers = ["eager", *third_party, *(p for p in backend_providers(device) if p != "reference")]
+        providers = [
+            "eager",
+            *third_party,
+            *BASELINE_PROVIDERS,
+            *(p for p in backend_providers(device) if p != "reference"),
+        ]
     settings = Settings(
         device=device,
         batch=args.batch or (8 if args.quick else 32),

@@ -47,8 +47,11 @@ STOCK_PROVIDERS = ("eager", "compile")
 # each needs.
 THIRD_PARTY_PROVIDERS = ("captum",)
 _THIRD_PARTY_MODULES = {"captum": "captum.attr"}
+# Baselines some end-to-end cases are measured against: the physical floor of their work (a plain forward
+# pass), timed but never checked, since it does not compute the result.
+BASELINE_PROVIDERS = ("forward",)
 # Every provider that is not a zfkernels backend: its failures are reported, but are not zfkernels' bugs.
-EXTERNAL_PROVIDERS = (*STOCK_PROVIDERS, *THIRD_PARTY_PROVIDERS)
+EXTERNAL_PROVIDERS = (*STOCK_PROVIDERS, *THIRD_PARTY_PROVIDERS, *BASELINE_PROVIDERS)
 
 LAYERS = ("L1", "L2", "L3", "L4", "L5")
 
@@ -482,7 +485,8 @@ def select_cases(
                 cases.extend(Case(spec.name, layer, mode, dtype) for dtype in dtypes)
     for spec in END_TO_END.values():
         if (
-            (ops is not None and spec.name not in ops)
+            (ops is None and spec.opt_in)
+            or (ops is not None and spec.name not in ops)
             or (shapes is not None and spec.shape not in shapes)
             or (modes is not None and spec.mode not in modes)
         ):
@@ -575,8 +579,9 @@ def providers_for(
     (captum only where it imports) and every backend."""
     backends = backend_providers(device)
     if case.end_to_end:
-        external = END_TO_END[case.op].external_providers
-        runnable = [*(p for p in external if provider_unavailable(p) is None), *backends]
+        spec = END_TO_END[case.op]
+        ours = backends[:1] if spec.single_backend else backends
+        runnable = [*(p for p in spec.external_providers if provider_unavailable(p) is None), *ours]
         return runnable if requested is None else [p for p in requested if p in runnable]
     if requested is not None:  # asked for by name, the reference backend is timed even where it is stock
         return [p for p in requested if p in STOCK_PROVIDERS or p in backends]
@@ -710,7 +715,8 @@ class BuiltCase:
 # ------------------------------------------------------------------------------------------ end-to-end
 @dataclass(frozen=True)
 class SpeedupBar:
-    """A target an issue sets: the fastest zfkernels backend at least `times` faster than `provider`."""
+    """A target an issue sets: the fastest zfkernels backend at least `times` faster than `provider`
+    (`times` < 1: costing at most 1 / `times` as much, e.g. 1 / 1.10 against a floor)."""
 
     provider: str
     times: float
@@ -741,6 +747,10 @@ class EndToEndWorkload:
     note: str
     slice_dims: int = 0
     float64: Callable[[], tuple[Tensor, ...]] | None = None
+    # Providers timed but never checked (a baseline that does not compute the result), with the reason.
+    unchecked: dict[str, str] = field(default_factory=dict)
+    # Providers that do a sample of the work: their time x this factor is what the targets compare.
+    time_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -758,6 +768,10 @@ class EndToEndSpec:
     build: Callable[[int, int, bool, torch.device, int], EndToEndWorkload]
     bars: tuple[SpeedupBar, ...] = ()
     memory_bar_bytes: int | None = None
+    # Uses no zfkernels op (mining runs the model's own layers): one backend provider stands for all.
+    single_backend: bool = False
+    # Left out of a selection that names no ops (a run takes minutes): `--ops <name>` runs it.
+    opt_in: bool = False
 
 
 @dataclass
@@ -1281,6 +1295,18 @@ def _deconvnet_workload(
     )
 
 
+def _mining_workload(batch: int, image_size: int, quick: bool, device: torch.device, seed: int):
+    from .analysis import mining_workload  # analysis.py builds on this module's classes
+
+    return mining_workload(batch, image_size, quick, device, seed)
+
+
+def _projection_workload(batch: int, image_size: int, quick: bool, device: torch.device, seed: int):
+    from .analysis import projection_workload
+
+    return projection_workload(batch, image_size, quick, device, seed)
+
+
 END_TO_END: dict[str, EndToEndSpec] = {
     spec.name: spec
     for spec in (
@@ -1307,6 +1333,31 @@ END_TO_END: dict[str, EndToEndSpec] = {
             build=_deconvnet_workload,
             bars=(SpeedupBar("captum", 30.0), SpeedupBar("eager", 10.0)),
             memory_bar_bytes=3 * 10**9,
+        ),
+        EndToEndSpec(
+            "mining",
+            shape="AlexNet.2048",
+            mode="forward",
+            dtypes=("fp32",),
+            dtype_reason="the issue's workload is fp32 on the CPU",
+            external_providers=("forward",),
+            requires=("torchvision",),
+            build=_mining_workload,
+            bars=(SpeedupBar("forward", 1 / 1.10),),
+            single_backend=True,
+            opt_in=True,
+        ),
+        EndToEndSpec(
+            "projection",
+            shape="AlexNet.2048",
+            mode="forward",
+            dtypes=("fp32",),
+            dtype_reason="the issue's workload is fp32 on the CPU",
+            external_providers=("forward", "captum"),
+            requires=("torchvision",),
+            build=_projection_workload,
+            bars=(SpeedupBar("forward", 1 / 1.5), SpeedupBar("captum", 5.0)),
+            opt_in=True,
         ),
     )
 }

@@ -131,9 +131,19 @@ def target_lines(run: BenchRun) -> list[str]:
                 why = "not measured" if other is None else other.status.upper()
                 results.append(f"vs {bar.provider}: {why} (target >= {bar.times:g}x)")
                 continue
-            ratio = other.timing.median_ms / best.timing.median_ms
+            scale = other.time_scale
+            ratio = other.timing.median_ms * scale / best.timing.median_ms
             met = "met" if ratio >= bar.times else "NOT met"
-            results.append(f"{ratio:.1f}x faster than {bar.provider} (target >= {bar.times:g}x: {met})")
+            scaled = f" (its time x {scale:.3g}: it ran a sample)" if scale != 1 else ""
+            if bar.times < 1:  # a floor: the target is a cost ceiling
+                results.append(
+                    f"at {1 / ratio:.2f}x the time of {bar.provider}{scaled} "
+                    f"(target <= {1 / bar.times:.2f}x: {met})"
+                )
+            else:
+                results.append(
+                    f"{ratio:.1f}x faster than {bar.provider}{scaled} (target >= {bar.times:g}x: {met})"
+                )
         if spec.memory_bar_bytes is not None and best.peak_memory_bytes is not None:
             met = "met" if best.peak_memory_bytes < spec.memory_bar_bytes else "NOT met"
             results.append(
