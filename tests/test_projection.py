@@ -171,8 +171,8 @@ def test_each_distinct_image_is_loaded_once_and_run_forward_once(monkeypatch):
 def test_float16_pixels_are_the_float32_ones_rounded():
     model, data = chain_model(), images(5)
     mined = mine(model, TensorDataset(data), k=2, progress=False)
-    wide = project_mining(mined, model, TensorDataset(data), pixels_dtype=torch.float32, progress=False)
-    half = project_mining(mined, model, TensorDataset(data), progress=False)
+    wide = project_mining(mined, model, TensorDataset(data), progress=False)  # float32: the default
+    half = project_mining(mined, model, TensorDataset(data), pixels_dtype=torch.float16, progress=False)
     for name in mined.layers:
         assert half.layers[name].pixels.dtype == torch.float16
         assert torch.equal(half.layers[name].pixels, wide.layers[name].pixels.half())

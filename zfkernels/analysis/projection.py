@@ -76,7 +76,7 @@ def project_mining(
     layers: str | Sequence[str] | None = None,
     batch_size: int = 16,
     num_workers: int = 0,
-    pixels_dtype: torch.dtype = torch.float16,
+    pixels_dtype: torch.dtype = torch.float32,
     display: Callable[[Tensor], Tensor] | None = None,
     progress: bool = True,
 ) -> ProjectedMining:
@@ -85,8 +85,10 @@ def project_mining(
     ``model`` and ``dataset`` must be the ones mined (same weights, same images and preprocessing: checked
     against the mining's manifest where it has one). ``layers``: a subset of the mined layers (default all).
     Each entry's projection is cut to its layer's receptive-field window (the image's size for a layer that
-    sees more than the image), stored as ``pixels_dtype`` (float16 halves the memory of a result that is
-    shown, not computed on; pass torch.float32 to keep :meth:`ForwardPass.project_entries`'s values exactly).
+    sees more than the image), stored as ``pixels_dtype``: float32 (the default) keeps
+    :meth:`ForwardPass.project_entries`' values exactly; float16 halves the memory, but a projection whose
+    magnitude is below float16's normal range (6e-5; common with untrained weights) loses precision or
+    vanishes, so use it only for results of a known scale.
     ``display`` maps a batch of model inputs (N, C, H, W) to displayable images in [0, 1] for the patches;
     the default inverts the dataset's :class:`Preprocess` normalization (ImageNet mean/std when the
     dataset's preprocessing is unknown).
@@ -101,8 +103,8 @@ def project_mining(
     chosen = _chosen_layers(mined, layers)
     _check_int("batch_size", batch_size, 1)
     _check_int("num_workers", num_workers, 0)
-    if pixels_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"pixels_dtype must be a floating-point torch.dtype, got {pixels_dtype!r}")
+    if pixels_dtype not in (torch.float16, torch.float32):
+        raise TypeError(f"pixels_dtype must be torch.float32 or torch.float16, got {pixels_dtype!r}")
     if display is not None and not callable(display):
         raise TypeError(f"display must be callable (images -> [0, 1] images) or None, got {display!r}")
     if not isinstance(progress, bool):
@@ -124,12 +126,14 @@ def project_mining(
     frames = {
         layer: _frame(deconvnet.receptive_field(layer, image_size).size, image_size) for layer in chosen
     }
+    rank, world_size = current_rank_and_world_size()
+    # One process writes every filled slot: no need to zero ~GBs first (a second pass of page faults on a
+    # VM); only empty slots are zeroed, at the end. Ranks sum their arrays, so there every byte starts at 0.
     out = {
-        layer: _empty_arrays(mined[layer].values.shape, channels, frames[layer], pixels_dtype)
+        layer: _empty_arrays(mined[layer].values.shape, channels, frames[layer], pixels_dtype, world_size > 1)
         for layer in chosen
     }
     largest_frame = (max(f[0] for f in frames.values()), max(f[1] for f in frames.values()))
-    rank, world_size = current_rank_and_world_size()
     batches = [distinct[i : i + batch_size] for i in range(0, len(distinct), batch_size)]
     mine_ = [index for b, batch in enumerate(batches) if b % world_size == rank for index in batch]
     paths = {layer: deconvnet.path(layer) for layer in chosen}
@@ -186,6 +190,12 @@ def project_mining(
 
     if world_size > 1:
         _sum_over_ranks(out, chosen)
+    else:
+        for layer in chosen:
+            empty = mined[layer].images < 0
+            if bool(empty.any()):
+                for array in out[layer].values():
+                    array[empty] = 0
     for layer, worst in mismatched.items():
         warnings.warn(
             f"layer {layer!r}: the projection's forward gives activations up to {worst:.3g} (relative) away "
@@ -348,14 +358,15 @@ class _Padded:
 
 
 def _empty_arrays(
-    table_shape: torch.Size, channels: int, frame: tuple[int, int], pixels_dtype: torch.dtype
+    table_shape: torch.Size, channels: int, frame: tuple[int, int], pixels_dtype: torch.dtype, zeroed: bool
 ) -> dict[str, Tensor]:
     filters, k = table_shape
+    new = torch.zeros if zeroed else torch.empty
     return {
-        "pixels": torch.zeros((filters, k, channels, *frame), dtype=pixels_dtype),
-        "patches": torch.zeros((filters, k, channels, *frame), dtype=torch.uint8),
-        "boxes": torch.zeros((filters, k, 4), dtype=torch.int64),
-        "origins": torch.zeros((filters, k, 2), dtype=torch.int64),
+        "pixels": new((filters, k, channels, *frame), dtype=pixels_dtype),
+        "patches": new((filters, k, channels, *frame), dtype=torch.uint8),
+        "boxes": new((filters, k, 4), dtype=torch.int64),
+        "origins": new((filters, k, 2), dtype=torch.int64),
     }
 
 
