@@ -1,0 +1,73 @@
+"""Peak memory of mining does not grow with the dataset: peak RSS of a fresh process mining N images.
+
+    python benchmarks/mining_memory.py            # 1,024 and 8,192 images, each in its own process
+
+torchvision AlexNet (random init, seed 0), all five conv layers, k = 9, batches of 64, 224 px images
+generated from their index (so the dataset itself holds no memory). The issue's target: mining 8,192
+images peaks within 10% of mining 1,024. A process's peak RSS only rises, so each count runs in a fresh
+process; the RSS held before mining (torch, the model) is printed too.
+"""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+from torch.utils.data import Dataset
+
+COUNTS = (1024, 8192)
+
+
+class GeneratedImages(Dataset):
+    """Image i is standard normal noise drawn from seed i: nothing is stored."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.randn(3, 224, 224, generator=torch.Generator().manual_seed(index))
+
+    def fingerprint(self) -> str:
+        return f"generated {self.count}"
+
+
+def measure(count: int) -> tuple[float, float, float]:
+    """(peak RSS MB, RSS MB before mining, seconds) of mining `count` images in this process."""
+    import torchvision
+
+    from zfkernels.analysis import mine
+
+    torch.manual_seed(0)
+    model = torchvision.models.alexnet().eval()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    started = time.perf_counter()
+    mine(model, GeneratedImages(count), k=9, batch_size=64, progress=False)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, before, time.perf_counter() - started
+
+
+def main() -> None:
+    if len(sys.argv) == 2:  # the child: one count
+        peak, before, seconds = measure(int(sys.argv[1]))
+        print(f"{peak:.0f} {before:.0f} {seconds:.1f}")
+        return
+    results = {}
+    for count in COUNTS:
+        out = subprocess.run(
+            [sys.executable, __file__, str(count)], capture_output=True, text=True, check=True
+        )
+        peak, before, seconds = (float(v) for v in out.stdout.split())
+        results[count] = peak
+        print(f"{count:5d} images: peak RSS {peak:.0f} MB ({before:.0f} MB before mining), {seconds:.0f} s")
+    small, large = results[COUNTS[0]], results[COUNTS[-1]]
+    verdict = "met" if large <= 1.10 * small else "NOT met"
+    print(f"{COUNTS[-1]} vs {COUNTS[0]} images: {large / small:.3f}x the peak (target <= 1.10x: {verdict})")
+
+
+if __name__ == "__main__":
+    main()
