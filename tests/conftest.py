@@ -62,6 +62,22 @@ def backend(request):
 
 
 @pytest.fixture
+def grad_checks(backend):
+    """gradcheck and gradgradcheck for the current backend. Under Triton's interpreter every call runs in
+    Python, and a full check's finite differences (two calls per input element, at every order) take minutes
+    per test; there they run in torch's fast mode (the Jacobian along random directions: a wrong gradient
+    still fails), while the CPU and reference backends check every element, and other tests compare every
+    backend's gradients with theirs element by element."""
+    from torch.autograd import gradcheck, gradgradcheck
+
+    fast = backend == "triton"
+    return (
+        lambda fn, inputs, **kw: gradcheck(fn, inputs, fast_mode=fast, **kw),
+        lambda fn, inputs, **kw: gradgradcheck(fn, inputs, fast_mode=fast, **kw),
+    )
+
+
+@pytest.fixture
 def gen():
     return torch.Generator().manual_seed(0)
 

@@ -16,7 +16,6 @@ from conftest import (
     tied,
     with_nans,
 )
-from torch.autograd import gradcheck, gradgradcheck
 
 import zfkernels as zk
 from zfkernels.ops import reference
@@ -290,7 +289,10 @@ def test_unpool_and_gather_are_adjoint(backend, gen):
     "kernel, stride, padding, ceil_mode, size",
     [(3, 2, 0, True, (7, 7)), (3, 1, 1, False, (5, 6)), ((2, 3), (1, 2), 1, False, (4, 5))],
 )
-def test_unpool_gradcheck(backend, gen, kernel, stride, padding, ceil_mode, size, relu, switch_kind):
+def test_unpool_gradcheck(
+    backend, grad_checks, gen, kernel, stride, padding, ceil_mode, size, relu, switch_kind
+):
+    gradcheck, gradgradcheck = grad_checks
     x = tied((1, 2, *size), torch.float64, gen)  # ties: shared argmaxes, so gradients sum
     _, switches, indices = pooled(x, kernel, stride, padding, ceil_mode)
     s = switches if switch_kind == "switches" else indices
@@ -303,7 +305,8 @@ def test_unpool_gradcheck(backend, gen, kernel, stride, padding, ceil_mode, size
 @pytest.mark.parametrize(
     "kernel, stride, padding, ceil_mode, size", [(3, 2, 0, True, (7, 7)), (3, 1, 1, False, (5, 6))]
 )
-def test_gather_gradcheck(backend, gen, kernel, stride, padding, ceil_mode, size):
+def test_gather_gradcheck(backend, grad_checks, gen, kernel, stride, padding, ceil_mode, size):
+    gradcheck, gradgradcheck = grad_checks
     x = tied((1, 2, *size), torch.float64, gen)
     _, switches, _ = pooled(x, kernel, stride, padding, ceil_mode)
     source = torch.randn(x.shape, generator=gen, dtype=torch.float64).requires_grad_()
