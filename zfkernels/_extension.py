@@ -28,6 +28,15 @@ cpu_module, cpu_error = _load("_C")
 cuda_module, cuda_error = _load("_C_cuda")  # built when nvcc was found; runs only with a GPU
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element of ``tensor`` is finite: on the CPU one pass of the extension's kernel (no bool
+    tensor of the input's size, no thread start), elsewhere torch's."""
+    if cpu_module is not None and tensor.device.type == "cpu" and tensor.dtype in DTYPE_CODES:
+        t = tensor.contiguous()  # held in a name: the kernel reads its buffer
+        return bool(cpu_module.all_finite(t.data_ptr(), DTYPE_CODES[t.dtype], t.numel()))
+    return bool(torch.isfinite(tensor).all())
+
+
 def output_empty(
     shape: tuple[int, ...] | torch.Size, like: torch.Tensor, dtype: torch.dtype | None = None
 ) -> torch.Tensor:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._extension import DTYPE_CODES, SWITCH_CODES, cpu_module, output_empty
-from . import reference
+from .._extension import DTYPE_CODES, SWITCH_CODES, all_finite, cpu_module, output_empty
 from ._checks import Pair, check_no_invalid_switches, pool_geometry_args, pooled_shape
 from .conv_transpose import conv_transpose_output_size
 from .reference import RULES
@@ -125,11 +124,6 @@ def relu_backward(grad, output, rule: int):
 _DIRECT_MAX_OUT_CHANNELS = 4  # csrc/cpu/conv_transpose.cpp instantiates 1 to 4
 
 
-def _all_finite(tensor) -> bool:
-    t = tensor.contiguous()
-    return cpu_module.all_finite(t.data_ptr(), DTYPE_CODES[t.dtype], t.numel())
-
-
 def _conv_transpose2d_exact(
     input, weight, bias, stride: Pair, padding: Pair, output_padding: Pair, groups: int, dilation: Pair
 ):
@@ -182,9 +176,9 @@ def conv_transpose2d(
             return out  # the kernel declines (returns False) other dtypes, dilations, and NaN/inf weights
     args = (stride, padding, output_padding, groups, dilation)
     # One pass over the weight (a small fraction of the convolution's work) picks the exact path.
-    if input.dtype != torch.float64 and not _all_finite(weight):
+    if input.dtype != torch.float64 and not all_finite(weight):
         return _conv_transpose2d_exact(input, weight, bias, *args)
-    return reference.conv_transpose2d(input, weight, bias, *args)
+    return F.conv_transpose2d(input, weight, bias, *args).contiguous()  # reference's, its weight check done
 
 
 def unpool_conv_transpose2d(
