@@ -92,10 +92,12 @@ PYBIND11_MODULE(_C, m) {
         },
         release);
   m.def("paste_windows",
-        [](Ptr windows, Ptr images, Ptr targets, Ptr origins, int dtype, int64_t count, int64_t channels,
-           std::array<int64_t, 2> window, std::array<int64_t, 2> image, int64_t image_count, int threads) {
+        [](Ptr windows, Ptr images, Ptr targets, Ptr origins, Ptr valid, bool fill, int dtype, int64_t count,
+           int64_t channels, std::array<int64_t, 2> window, std::array<int64_t, 2> image, int64_t image_count,
+           int threads) {
           zfk::cpu::paste_windows(cptr(windows), mptr(images), static_cast<const int64_t*>(cptr(targets)),
-                                  static_cast<const int64_t*>(cptr(origins)), DType(dtype), count, channels,
+                                  static_cast<const int64_t*>(cptr(origins)),
+                                  static_cast<const int64_t*>(cptr(valid)), fill, DType(dtype), count, channels,
                                   window[0], window[1], image[0], image[1], image_count, threads);
         },
         release);

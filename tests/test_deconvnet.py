@@ -442,6 +442,43 @@ def test_paste_kernel_equals_slice_by_slice(zfnet_stock, monkeypatch):
         assert torch.equal(kernel.pixels, sliced.pixels), layer
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fill", [False, True])
+def test_paste_valid_rectangles_and_fill(dtype, fill, monkeypatch):
+    """_paste with per-window valid rectangles and fill: the kernel and the slice-by-slice paste both equal
+    the definition (a window pixel lands where it is in its map and in its valid part; with fill, every other
+    element of a target map is 0; without, untouched), at origins and rectangles in, across and far outside
+    the maps, empty rectangles included."""
+    from zfkernels.deconvnet import projection
+
+    generator = torch.Generator().manual_seed(21)
+    count, channels, (h, w), (height, width) = 12, 2, (5, 7), (9, 6)
+    windows = torch.randn((count, channels, h, w), generator=generator).to(dtype)
+    origins = torch.randint(-12, 14, (count, 2), generator=generator)
+    valid = torch.randint(-3, 10, (count, 4), generator=generator)
+    targets = torch.randperm(count + 3, generator=generator)[:count].tolist()
+    start = torch.full((count + 3, channels, height, width), 7.0, dtype=dtype)
+
+    expected = start.clone()
+    for i, target in enumerate(targets):
+        if fill:
+            expected[target] = 0
+        top, left = origins[i].tolist()
+        for y in range(h):
+            for x in range(w):
+                inside = 0 <= top + y < height and 0 <= left + x < width
+                allowed = valid[i, 0] <= y < valid[i, 2] and valid[i, 1] <= x < valid[i, 3]
+                if inside and allowed:
+                    expected[target, :, top + y, left + x] = windows[i, :, y, x]
+    kernel = start.clone()
+    projection._paste(kernel, targets, windows, origins, valid, fill=fill)
+    with monkeypatch.context() as patched:
+        patched.setattr(projection, "cpu_module", None)
+        sliced = start.clone()
+        projection._paste(sliced, targets, windows, origins, valid, fill=fill)
+    assert torch.equal(kernel, expected) and torch.equal(sliced, expected)
+
+
 def test_filters_int_list_none():
     torch.manual_seed(10)
     model = nn.Sequential(

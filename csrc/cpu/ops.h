@@ -67,9 +67,11 @@ std::pair<int64_t, bool> unpool_conv_transpose2d(const void* values, const void*
 bool all_finite(const void* data, DType dtype, int64_t n);
 // Copies window i ([channels][window_h][window_w]) into image targets[i] ([channels][image_h][image_w]) at
 // row/col origins[2i], origins[2i + 1], clipped to the image; distinct targets (windows run in parallel).
-void paste_windows(const void* windows, void* images, const int64_t* targets, const int64_t* origins, DType dtype,
-                   int64_t count, int64_t channels, int64_t window_h, int64_t window_w, int64_t image_h,
-                   int64_t image_w, int64_t image_count, int num_threads);
+// `valid`: null, or per window (top, left, bottom, right) in window coordinates, the part that may be copied;
+// `fill`: write every element of each target map (zeros where nothing is copied).
+void paste_windows(const void* windows, void* images, const int64_t* targets, const int64_t* origins,
+                   const int64_t* valid, bool fill, DType dtype, int64_t count, int64_t channels, int64_t window_h,
+                   int64_t window_w, int64_t image_h, int64_t image_w, int64_t image_count, int num_threads);
 // In place: each of `filters` contiguous filters whose RMS exceeds `radius` is scaled to RMS `radius`.
 void renormalize_filters(void* weight, DType dtype, int64_t filters, int64_t filter_size, double radius,
                          int num_threads);

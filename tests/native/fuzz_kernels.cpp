@@ -49,8 +49,11 @@ template <typename T> void run(std::mt19937& rng, DType dt) {
       for (int i = 0; i < count; ++i) targets[i] = i;
       for (auto& o : origins) o = int64_t(rng() % 80) - 40;
       std::vector<T> windows(size_t(count) * planes * H * W);
-      cpu::paste_windows(windows.data(), canvas.data(), targets.data(), origins.data(), dt, count, planes, H, W, IH, IW,
-                         images, 1 + rng() % 2);
+      std::vector<int64_t> valid(4 * count);  // valid rectangles in and beyond the window, some empty
+      for (auto& v : valid) v = int64_t(rng() % (H + W + 20)) - 10;
+      const bool clipped = rng() & 1, fill = rng() & 1;
+      cpu::paste_windows(windows.data(), canvas.data(), targets.data(), origins.data(), clipped ? valid.data() : nullptr,
+                         fill, dt, count, planes, H, W, IH, IW, images, 1 + rng() % 2);
     }
   }
 }

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .. import ops
-from .._extension import DTYPE_CODES, cpu_module, output_empty
+from .._extension import DTYPE_CODES, all_finite, cpu_module, output_empty
 from .chain import (
     BatchNorm,
     Chain,
@@ -870,13 +870,15 @@ class ForwardPass:
         height, width = images.shape[-2:]
         field = self.receptive_field(layer)
         origins = field.boxes(position)[:, :2]
-        windows = images.new_zeros((entries.shape[0], images.shape[1], *field.size))
+        windows_shape = (entries.shape[0], images.shape[1], *field.size)
         if self._paths[layer] == "deconvnet":
+            windows = output_empty(windows_shape, images)  # every element is pasted (see _chain_windows)
             chain = self._chains[layer]
             boxes = chain.input_boxes(position, (height, width))
             if entries.shape[0] > 0:
                 self._chain_windows(layer, windows, origins, image_index, channel, values, position)
         else:
+            windows = images.new_zeros(windows_shape)
             boxes = field.boxes(position, (height, width))
             value = values.clamp(min=0)
             for index, gradients in self._gradients(layer, image_index, channel, row, col):
@@ -906,9 +908,11 @@ class ForwardPass:
         plan = _plan(chain, record.sizes, size, images.shape[1], images.dtype)
 
         def sink(index: Tensor, window: Tensor, origin: Tensor) -> None:
-            # What the image-sized projection would clip at the borders, zeroed; then placed in its field.
-            window = _outside_zeroed(window, origin, size)
-            _paste(windows, index.tolist(), window, origin - origins[index])
+            # Placed in its field, all of which is written: zeros where the image-sized projection would
+            # clip the window at the image's borders (the valid part: the window within the image).
+            image_size = torch.tensor(size, device=origin.device)
+            valid = torch.cat(((-origin).clamp(min=0), image_size - origin), 1)
+            _paste(windows, index.tolist(), window, origin - origins[index], valid, fill=True)
 
         order = torch.sort(channel, stable=True).indices  # filter-major: shared seeds (see _seed)
         with _eval_mode(self._deconvnet.model), torch.no_grad():
@@ -926,12 +930,12 @@ class ForwardPass:
 
 def _entry_tensor(entries: object, activation: Tensor, layer: str) -> Tensor:
     """``entries`` as an (n, 4) int64 tensor on the activation's device, every index checked."""
-    wrong = f"entries must be (n, 4) integers (image, filter, row, col), got {entries!r}"
     if isinstance(entries, Tensor):
         if entries.dtype.is_floating_point or entries.dtype.is_complex or entries.dtype == torch.bool:
             raise TypeError(f"entries must be integers (image, filter, row, col), got dtype {entries.dtype}")
         tensor = entries.to(device=activation.device, dtype=torch.int64)
     else:
+        wrong = f"entries must be (n, 4) integers (image, filter, row, col), got {entries!r}"
         try:
             items = [[_as_index(v) for v in entry] for entry in entries]
         except TypeError:
@@ -961,6 +965,8 @@ def _entry_tensor(entries: object, activation: Tensor, layer: str) -> Tensor:
 
 
 def _check_finite_images(images: Tensor) -> None:
+    if all_finite(images):
+        return
     non_finite = ~torch.isfinite(images)
     if bool(non_finite.any()):
         count = int(non_finite.sum())
@@ -1142,13 +1148,25 @@ def _elementwise(window: Tensor, ops_down: tuple[_Elementwise, ...]) -> Tensor:
 _PASTE_BLOCK = 16384
 
 
-def _paste(out: Tensor, targets: list[int], window: Tensor, origin: Tensor) -> None:
-    """Write window ``i`` into ``out[targets[i]]`` (image-sized) at its origin, clipped at the borders.
+def _paste(
+    out: Tensor,
+    targets: list[int],
+    window: Tensor,
+    origin: Tensor,
+    valid: Tensor | None = None,
+    fill: bool = False,
+) -> None:
+    """Write window ``i`` into map ``out[targets[i]]`` at its origin, clipped at the map's borders and, where
+    ``valid`` is given ((n, 4) top, left, bottom, right in window coordinates), to that part of the window.
+    ``fill``: every element of each target map is written (zeros where nothing of the window lands), so
+    ``out`` need not be zeroed first. Targets are distinct.
 
     On the CPU the extension's kernel copies all windows in one call (rows as memcpy, windows in parallel);
     elsewhere, slice by slice."""
     height, width = out.shape[-2:]
     channels, h, w = window.shape[-3:]
+    if valid is not None:
+        valid = valid.to(device="cpu", dtype=torch.int64).contiguous()
     if (
         cpu_module is not None
         and out.device.type == "cpu"
@@ -1164,6 +1182,8 @@ def _paste(out: Tensor, targets: list[int], window: Tensor, origin: Tensor) -> N
             out.data_ptr(),
             target_index.data_ptr(),
             origins.data_ptr(),
+            0 if valid is None else valid.data_ptr(),
+            fill,
             DTYPE_CODES[out.dtype],
             len(targets),
             channels,
@@ -1173,8 +1193,13 @@ def _paste(out: Tensor, targets: list[int], window: Tensor, origin: Tensor) -> N
             torch.get_num_threads(),
         )
         return
+    bounds = [(0, 0, h, w)] * len(targets) if valid is None else valid.tolist()
     for i, (target, (top, left)) in enumerate(zip(targets, origin.tolist(), strict=True)):
-        t, lo, b, r = max(top, 0), max(left, 0), min(top + h, height), min(left + w, width)
+        if fill:
+            out[target].zero_()
+        v_top, v_left, v_bottom, v_right = bounds[i]
+        t, lo = max(top, top + v_top, 0), max(left, left + v_left, 0)
+        b, r = min(top + h, top + v_bottom, height), min(left + w, left + v_right, width)
         if t >= b or lo >= r:
             continue
         rows = max(1, _PASTE_BLOCK // (r - lo))
