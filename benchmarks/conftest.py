@@ -7,7 +7,8 @@ ZFK_BENCH_THREADS  CPU threads to pin (default torch's own count)
 ZFK_BENCH_ALL      1 for every mode and both dtypes; default the issue-2 set of `zfkernels bench`
 ZFK_BENCH_FULL     1 for the end-to-end cases' full workloads (deconvnet: 9 images x 256 filters, where one
                    captum call takes minutes); default the reduced ones of `zfkernels bench --quick`
-ZFK_BENCH_ANALYSIS 1 to add the opt-in analysis cases (mining and projection of AlexNet's top-9; minutes)
+ZFK_BENCH_ANALYSIS 1 to add the opt-in analysis cases (mining and projection of AlexNet's top-9, and
+                   mining's peak memory over 8,192 images; minutes each)
 
 Run with `python -m pytest benchmarks --benchmark-only`; the default `pytest` run never collects this
 directory (pyproject's testpaths is ["tests"]).
@@ -58,7 +59,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     cases = select_cases(
         modes=MODES if EVERY_CASE else None, dtypes=tuple(DTYPES) if EVERY_CASE else ("fp32",)
     )
-    if ANALYSIS:  # opt-in cases: named, as `zfkernels bench --ops mining,projection` does
+    if ANALYSIS:  # opt-in cases: named, as `zfkernels bench --ops mining,projection,mining_memory` does
         cases += select_cases(ops=[name for name, spec in END_TO_END.items() if spec.opt_in])
     pairs = [(case, provider) for case in cases for provider in providers_for(case, DEVICE)]
     metafunc.parametrize(

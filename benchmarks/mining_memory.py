@@ -5,7 +5,9 @@
 torchvision AlexNet (random init, seed 0), all five conv layers, k = 9, batches of 64, 224 px images
 generated from their index (so the dataset itself holds no memory). The issue's target: mining 8,192
 images peaks within 10% of mining 1,024. A process's peak RSS only rises, so each count runs in a fresh
-process; the RSS held before mining (torch, the model) is printed too.
+process; the RSS held before mining (torch, the model) is printed too. `zfkernels bench --ops
+mining_memory` measures the same workloads' peak torch allocations with the profiler instead; this script
+also sees memory that is not torch's (Python objects, the C library's heap).
 """
 
 from __future__ import annotations
@@ -16,25 +18,10 @@ import sys
 import time
 
 import torch
-from torch.utils.data import Dataset
+
+from zfkernels.bench.analysis import GeneratedImages
 
 COUNTS = (1024, 8192)
-
-
-class GeneratedImages(Dataset):
-    """Image i is standard normal noise drawn from seed i: nothing is stored."""
-
-    def __init__(self, count: int):
-        self.count = count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.randn(3, 224, 224, generator=torch.Generator().manual_seed(index))
-
-    def fingerprint(self) -> str:
-        return f"generated {self.count}"
 
 
 def measure(count: int) -> tuple[float, float, float]:

@@ -4,7 +4,8 @@ Same cases and same checks as `zfkernels bench`: a provider whose result differs
 its test instead of being timed. pytest-benchmark groups the providers of a case, so its table compares
 them side by side. End-to-end cases take seconds to minutes a call: as in `zfkernels bench`, their
 verifying call is the warm-up and only as many rounds as fit in the default long-call budget are timed
-(`benchmark.pedantic`), each after the provider's untimed setup.
+(`benchmark.pedantic`), each after the provider's untimed setup. A memory-only case (mining_memory) runs
+each provider once, under the memory profiler, and records its peak in `extra_info`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import time
 import pytest
 
 from zfkernels.bench.cases import BuiltCase, BuiltEndToEnd, Case
-from zfkernels.bench.runner import TimingPolicy, long_call_repeats, synchronize
+from zfkernels.bench.runner import TimingPolicy, call_with_peak_memory, long_call_repeats, synchronize
 
 
 def test_case(benchmark, case: Case, provider: str, built_case: BuiltCase | BuiltEndToEnd) -> None:
+    if getattr(built_case, "memory_only", False):
+        _measure_memory(benchmark, case, provider, built_case)
+        return
     with built_case.scope(provider):
         call = built_case.call(provider)
         started = time.perf_counter()
@@ -48,3 +52,17 @@ def test_case(benchmark, case: Case, provider: str, built_case: BuiltCase | Buil
             return
         call.run()  # warm-up: the first call above may have compiled or faulted in fresh pages
         benchmark(synchronized_call)
+
+
+def _measure_memory(benchmark, case: Case, provider: str, built_case: BuiltEndToEnd) -> None:
+    """One profiled call (its time includes the profiler's overhead); the peak goes to `extra_info`."""
+    with built_case.scope(provider):
+        call = built_case.call(provider)
+
+        def profiled() -> None:
+            _, peak = call_with_peak_memory(call.run, built_case.device)
+            benchmark.extra_info.update(peak_memory_bytes=peak)
+
+        benchmark.group = case.id
+        benchmark.extra_info.update(provider=provider, shapes=built_case.shapes, note=built_case.note)
+        benchmark.pedantic(profiled, setup=call.setup, rounds=1, iterations=1)

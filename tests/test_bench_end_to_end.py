@@ -354,7 +354,7 @@ def test_cli_default_runs_every_mode_in_fp32_and_bf16_and_quick_a_subset():
 def test_cli_quick_keeps_captum_and_leaves_out_compile_and_the_reference():
     _, settings, _ = _plan(build_parser().parse_args(["bench", "--quick"]))
     captum = [] if provider_unavailable("captum") else ["captum"]
-    assert settings.providers == ["eager", *captum, "forward", "cpu"]
+    assert settings.providers == ["eager", *captum, "forward", "eighth", "cpu"]
     assert settings.quick and settings.batch == 8 and settings.policy.long_budget_s < 10
 
 
@@ -436,3 +436,50 @@ def test_targets_scale_a_sampled_provider_and_state_a_floor_as_a_cost(monkeypatc
     write_outputs(run, tmp_path)
     loaded = {(c.op, c.provider): c for c in load_run(tmp_path / "results.json").cells}
     assert loaded["projection", "captum"].time_scale == 1152 / 5
+
+
+MINING_MEMORY = Case("mining_memory", "AlexNet.8192", "forward", "fp32")
+
+
+def test_mining_memory_case_profiles_each_provider_once_and_judges_the_ratio(monkeypatch, tmp_path):
+    """The memory case: opt-in, one backend against the same mining over an eighth of the images; each runs
+    once (no reference run, no timing), its peak is the profiler's, and the report judges their ratio."""
+    import zfkernels.bench.analysis as analysis
+
+    assert MINING_MEMORY not in select_cases()
+    assert select_cases(ops=["mining_memory"]) == [MINING_MEMORY]
+    assert providers_for(MINING_MEMORY, "cpu") == ["eighth", "cpu"]
+    monkeypatch.setattr(analysis, "QUICK_MEMORY_IMAGES", 16)
+    monkeypatch.setattr(analysis, "MINING_BATCH", 2)
+    calls = []
+    original = analysis.GeneratedImages.__getitem__
+    monkeypatch.setattr(
+        analysis.GeneratedImages, "__getitem__", lambda self, i: calls.append(self.count) or original(self, i)
+    )
+    settings = Settings(
+        device="cpu",
+        batch=1,
+        image_size=DECONVNET_SIDE,
+        threads=torch.get_num_threads(),
+        providers=None,
+        policy=TimingPolicy(repeats=1),
+        copy_mib=1,
+        copy_processes=0,
+        quick=True,
+    )
+    run = run_cases([MINING_MEMORY], settings, progress=False)
+    cells = {c.provider: c for c in run.cells}
+    assert set(cells) == {"eighth", "cpu"}
+    assert all(c.status == OK and c.timing is None and c.peak_memory_bytes > 0 for c in cells.values())
+    # One pass each (mining reads its first image once more, for the shape): no reference run, no timing.
+    assert (calls.count(2), calls.count(16)) == (3, 17)
+    (line,) = target_lines(run)
+    ratio = cells["cpu"].peak_memory_bytes / cells["eighth"].peak_memory_bytes
+    assert line.startswith("mining_memory/AlexNet.8192/forward/fp32 [quick workload]: cpu is at a peak")
+    assert f"{ratio:.3f}x eighth's" in line and "(target <= 1.10x: " in line
+    assert "MB" in format_table(run).splitlines()[2]  # the peak in place of a time
+    write_outputs(run, tmp_path)
+    assert "not timed (memory only)" in (tmp_path / "report.md").read_text()
+    assert {c.provider: c.peak_memory_bytes for c in load_run(tmp_path / "results.json").cells} == {
+        p: c.peak_memory_bytes for p, c in cells.items()
+    }

@@ -89,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark every zfkernels op against stock PyTorch eager and torch.compile at the "
         "shapes of ZFNet's five layers, plus two end-to-end cases: zfnet_train (one SGD step of ZFNet) and "
         "deconvnet (top-1 projections of all 256 conv5 filters of AlexNet for 9 images, also against "
-        "captum). Opt-in (--ops mining,projection): the analysis workloads, mining AlexNet's top-9 over "
-        "2,048 images and projecting it, against the plain forward pass and captum. Each provider's result "
-        "is checked against the reference before it is timed.",
+        "captum). Opt-in (--ops mining,projection,mining_memory): the analysis workloads, mining AlexNet's "
+        "top-9 over 2,048 images and projecting it, against the plain forward pass and captum, and the peak "
+        "memory of mining 8,192 images against 1,024 (measured, not timed). Each provider's result is "
+        "checked against the reference before it is timed.",
     )
     bench.add_argument(
         "--quick",

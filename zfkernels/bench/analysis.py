@@ -1,18 +1,24 @@
-"""The analysis layer's end-to-end workloads (issue 13): mining a dataset's top-9 and projecting it.
+"""The analysis layer's end-to-end workloads (issue 13): mining a dataset's top-9, its memory, projecting it.
 
-Both run torchvision's AlexNet (random init, fixed seed), all five conv layers, k = 9, on synthetic 224 px
-images served from memory (2,048; 256 with --quick), fp32. Registered in `cases.END_TO_END` as "mining"
-and "projection"; opt-in (`--ops mining,projection`), since a run takes minutes.
+All run torchvision's AlexNet (random init, fixed seed), all five conv layers, k = 9, on synthetic 224 px
+images, fp32. Registered in `cases.END_TO_END` as "mining", "projection" and "mining_memory"; opt-in
+(`--ops mining,projection,mining_memory`), since a run takes minutes.
 
-- mining: `mine(...)` as a user runs it, against the issue's floor: a plain `torch.no_grad()` forward of
-  the model over the same images (the "forward" baseline: timed, never checked, since it computes no
-  tables). Mining stops after the last mined layer (conv5), so it does not run the classifier; the
-  baseline does (it is what a user would otherwise run over the dataset).
+- mining: `mine(...)` over 2,048 images in memory (256 with --quick) as a user runs it, against the
+  issue's floor: a plain `torch.no_grad()` forward of the model over the same images (the "forward"
+  baseline: timed, never checked, since it computes no tables). Mining stops after the last mined layer
+  (conv5), so it does not run the classifier; the baseline does (it is what a user would otherwise run
+  over the dataset).
 - projection: `project_mining(...)` of a mining result made while building the case (untimed), against
   the floor of one plain forward over the distinct images it needs, and against captum's
   `NeuronDeconvolution` used as a captum user would: one call per filter over its 9 images with a per-image
   selector, times the value. Captum runs on a sample of filters (2 per layer, 1 with --quick) and its time
   is scaled to all filters (`time_scale`); the sampled projections are what every provider is checked on.
+- mining_memory: the peak memory of mining 8,192 images (1,024 with --quick) against mining the first
+  eighth of them (the "eighth" baseline); the issue's bound: within 10%. The images are generated from
+  their index (`GeneratedImages`), so the dataset holds no memory. Memory only (`memory_only`): each runs
+  once, profiled; the mining case times and checks the same code. benchmarks/mining_memory.py measures the
+  same as the peak RSS of fresh processes.
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ import warnings
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from .cases import EndToEndWorkload, ProviderCall
 
 MINING_IMAGES, QUICK_MINING_IMAGES = 2048, 256
+MEMORY_IMAGES, QUICK_MEMORY_IMAGES = 8192, 1024
 MINING_K = 9
 MINING_BATCH = 64
 PROJECTION_BATCH = 16
@@ -44,6 +51,26 @@ def _alexnet_and_images(count: int, image_size: int, device: torch.device, seed:
     generator = torch.Generator(device=device).manual_seed(seed)
     images = torch.randn((count, 3, image_size, image_size), device=device, generator=generator)
     return model.to(device), images
+
+
+class GeneratedImages(Dataset):
+    """``count`` standard-normal ``size`` px images, image i drawn from seed ``seed + i``: nothing is stored,
+    so a dataset of any length holds no memory."""
+
+    def __init__(self, count: int, size: int = 224, seed: int = 0):
+        self.count, self.size, self.seed = count, size, seed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> Tensor:
+        if not 0 <= index < self.count:
+            raise IndexError(f"image {index} of {self.count}")
+        generator = torch.Generator().manual_seed(self.seed + index)
+        return torch.randn((3, self.size, self.size), generator=generator)
+
+    def fingerprint(self) -> str:
+        return f"GeneratedImages({self.count}, {self.size}, seed={self.seed})"
 
 
 def _plain_forward(model: nn.Module, images: Tensor, batch: int) -> ProviderCall:
@@ -92,6 +119,39 @@ def mining_workload(
             "zfkernels: analysis.mine (stops after conv5: no classifier); forward: the plain "
             "torch.no_grad() forward of the model over the same images, the floor (not checked: it computes "
             "no tables)"
+        ),
+    )
+
+
+def mining_memory_workload(
+    batch: int, image_size: int, quick: bool, device: torch.device, seed: int
+) -> EndToEndWorkload:
+    """`batch` does not apply: mining's batch is MINING_BATCH."""
+    from ..analysis import mine
+
+    count = QUICK_MEMORY_IMAGES if quick else MEMORY_IMAGES
+    model, _ = _alexnet_and_images(0, image_size, device, seed)
+
+    def mining(images: int) -> ProviderCall:
+        dataset = GeneratedImages(images, image_size, seed)
+        return ProviderCall(
+            lambda: mine(model, dataset, k=MINING_K, batch_size=MINING_BATCH, progress=False), _tables
+        )
+
+    reduced = f" (--quick: reduced from {MEMORY_IMAGES})" if quick else ""
+    return EndToEndWorkload(
+        ours=lambda: mining(count),
+        external={"eighth": lambda: mining(count // 8)},
+        unchecked={"eighth": "the yardstick: the same mining over the first eighth of the images"},
+        output_names=["values", "images", "positions"],
+        tolerance=0.0,
+        shapes={"images": [count, 3, image_size, image_size]},
+        note=(
+            f"peak memory of mining the top-{MINING_K} of AlexNet's five conv layers (random weights, fp32, "
+            f"batches of {MINING_BATCH}) over {count} random {image_size} px images{reduced} generated from "
+            f"their index (the dataset holds no memory); eighth: the same over the first {count // 8}. "
+            "Memory only: each runs once, under the memory profiler (the mining case times and checks this "
+            "code)"
         ),
     )
 

@@ -47,9 +47,10 @@ STOCK_PROVIDERS = ("eager", "compile")
 # each needs.
 THIRD_PARTY_PROVIDERS = ("captum",)
 _THIRD_PARTY_MODULES = {"captum": "captum.attr"}
-# Baselines some end-to-end cases are measured against: the physical floor of their work (a plain forward
-# pass), timed but never checked, since it does not compute the result.
-BASELINE_PROVIDERS = ("forward",)
+# Baselines some end-to-end cases are measured against, never checked (they do not compute the result):
+# "forward", the physical floor of the work (a plain forward pass); "eighth", the same work on an eighth of
+# the data (the yardstick of a memory bound that must not grow with the data).
+BASELINE_PROVIDERS = ("forward", "eighth")
 # Every provider that is not a zfkernels backend: its failures are reported, but are not zfkernels' bugs.
 EXTERNAL_PROVIDERS = (*STOCK_PROVIDERS, *THIRD_PARTY_PROVIDERS, *BASELINE_PROVIDERS)
 
@@ -722,6 +723,14 @@ class SpeedupBar:
     times: float
 
 
+@dataclass(frozen=True)
+class MemoryBar:
+    """A target an issue sets: the zfkernels backend's peak memory at most `times` x `provider`'s."""
+
+    provider: str
+    times: float
+
+
 @dataclass
 class EndToEndWorkload:
     """A whole workload, prepared: a factory per provider that returns its warm `ProviderCall`.
@@ -768,6 +777,10 @@ class EndToEndSpec:
     build: Callable[[int, int, bool, torch.device, int], EndToEndWorkload]
     bars: tuple[SpeedupBar, ...] = ()
     memory_bar_bytes: int | None = None
+    memory_bars: tuple[MemoryBar, ...] = ()
+    # Measured for peak memory only: each provider runs once, under the memory profiler; nothing is timed
+    # or checked against the reference (a case that times and checks the same code does that).
+    memory_only: bool = False
     # Uses no zfkernels op (mining runs the model's own layers): one backend provider stands for all.
     single_backend: bool = False
     # Left out of a selection that names no ops (a run takes minutes): `--ops <name>` runs it.
@@ -787,6 +800,10 @@ class BuiltEndToEnd:
     # Calls take seconds to minutes: the runner verifies, profiles and warms up in one call, and times few.
     long_calls: ClassVar[bool] = True
     bytes_moved: ClassVar[int | None] = None  # compute-bound: no bandwidth figure
+
+    @property
+    def memory_only(self) -> bool:
+        return END_TO_END[self.case.op].memory_only
 
     @property
     def shapes(self) -> dict[str, list[int]]:
@@ -1307,6 +1324,12 @@ def _projection_workload(batch: int, image_size: int, quick: bool, device: torch
     return projection_workload(batch, image_size, quick, device, seed)
 
 
+def _mining_memory_workload(batch: int, image_size: int, quick: bool, device: torch.device, seed: int):
+    from .analysis import mining_memory_workload
+
+    return mining_memory_workload(batch, image_size, quick, device, seed)
+
+
 END_TO_END: dict[str, EndToEndSpec] = {
     spec.name: spec
     for spec in (
@@ -1358,6 +1381,20 @@ END_TO_END: dict[str, EndToEndSpec] = {
             build=_projection_workload,
             bars=(SpeedupBar("forward", 1 / 1.5), SpeedupBar("captum", 5.0)),
             opt_in=True,
+        ),
+        EndToEndSpec(
+            "mining_memory",
+            shape="AlexNet.8192",
+            mode="forward",
+            dtypes=("fp32",),
+            dtype_reason="the issue's workload is fp32 on the CPU",
+            external_providers=("eighth",),
+            requires=("torchvision",),
+            build=_mining_memory_workload,
+            memory_bars=(MemoryBar("eighth", 1.10),),
+            single_backend=True,
+            opt_in=True,
+            memory_only=True,
         ),
     )
 }

@@ -54,11 +54,21 @@ def fastest_backend(cells: dict[str, Cell]) -> Cell | None:
     return min(timed, key=lambda c: c.timing.median_ms) if timed else None
 
 
+def memory_backend(cells: dict[str, Cell]) -> Cell | None:
+    """A memory-only row's zfkernels backend with a peak measured (it runs one: see `single_backend`)."""
+    measured = [
+        c for p, c in cells.items() if p not in EXTERNAL_PROVIDERS and c.peak_memory_bytes is not None
+    ]
+    return min(measured, key=lambda c: c.peak_memory_bytes) if measured else None
+
+
 def _status_text(cell: Cell | None) -> str:
     if cell is None:
         return "-"
     if cell.status == OK and cell.timing is not None:
         return _ms(cell.timing.median_ms)
+    if cell.status == OK and cell.peak_memory_bytes is not None:  # a memory-only case
+        return f"{_mb(cell.peak_memory_bytes)} MB"
     return cell.status.upper()
 
 
@@ -118,11 +128,12 @@ def target_lines(run: BenchRun) -> list[str]:
     lines = []
     for key, cells in _rows(run).items():
         spec = END_TO_END.get(key[0])
-        if spec is None or not (spec.bars or spec.memory_bar_bytes):
+        if spec is None or not (spec.bars or spec.memory_bar_bytes or spec.memory_bars):
             continue
-        best = fastest_backend(cells)
+        best = memory_backend(cells) if spec.memory_only else fastest_backend(cells)
         if best is None:
-            lines.append(f"{'/'.join(key)}: no zfkernels backend was timed, so no target can be judged")
+            measured = "measured" if spec.memory_only else "timed"
+            lines.append(f"{'/'.join(key)}: no zfkernels backend was {measured}, so no target can be judged")
             continue
         results = []
         for bar in spec.bars:
@@ -144,6 +155,18 @@ def target_lines(run: BenchRun) -> list[str]:
                 results.append(
                     f"{ratio:.1f}x faster than {bar.provider}{scaled} (target >= {bar.times:g}x: {met})"
                 )
+        for bar in spec.memory_bars:
+            other = cells.get(bar.provider)
+            if other is None or other.peak_memory_bytes is None or best.peak_memory_bytes is None:
+                why = "not measured" if other is None else other.status.upper()
+                results.append(f"peak memory vs {bar.provider}: {why} (target <= {bar.times:.2f}x)")
+                continue
+            ratio = best.peak_memory_bytes / max(other.peak_memory_bytes, 1)
+            met = "met" if ratio <= bar.times else "NOT met"
+            results.append(
+                f"at a peak memory of {_mb(best.peak_memory_bytes)} MB, {ratio:.3f}x {bar.provider}'s "
+                f"{_mb(other.peak_memory_bytes)} MB (target <= {bar.times:.2f}x: {met})"
+            )
         if spec.memory_bar_bytes is not None and best.peak_memory_bytes is not None:
             met = "met" if best.peak_memory_bytes < spec.memory_bar_bytes else "NOT met"
             results.append(
@@ -210,6 +233,11 @@ def format_table(run: BenchRun) -> str:
         "x = stock eager time / provider time (above 1 is faster); "
         "GB/s, %copy and peak 'best': the fastest zfkernels backend",
         f"peak MB: allocated during one call above the inputs, from {run.machine.peak_memory_method}",
+        *(
+            ["memory-only cases (not timed) show each provider's peak MB in place of its time"]
+            if any(END_TO_END.get(op) and END_TO_END[op].memory_only for op, *_ in _rows(run))
+            else []
+        ),
     ]
     targets = target_lines(run)
     described = [f"  {case_id}: {note}" for case_id, note in run.notes.items()]
@@ -308,7 +336,9 @@ def markdown_report(run: BenchRun, chart_note: str) -> str:
 def _markdown_cells(cell: Cell, row: dict[str, Cell], copy: CopyBandwidth) -> list[str]:
     head = [cell.shape, cell.mode, cell.dtype, cell.provider]
     if cell.timing is None:
-        return head + [f"**{cell.status.upper()}**", "", "", "", "", ""]
+        memory_only = cell.status == OK and cell.peak_memory_bytes is not None
+        status = "not timed (memory only)" if memory_only else f"**{cell.status.upper()}**"
+        return head + [status, "", "", "", "", _mb(cell.peak_memory_bytes) if memory_only else ""]
     t = cell.timing
     ratio = speedup(row, cell.provider)
     return head + [

@@ -7,7 +7,8 @@ A provider's `setup` (restoring the state a training step changed) runs before e
 
 End-to-end cases (`built.long_calls`) take seconds to minutes a call, so their verifying call is also their
 warm-up and runs under the memory profiler (its overhead costs no timing there); then as many calls as fit
-in `TimingPolicy.long_budget_s` are timed, at least one and at most `min_repeats`.
+in `TimingPolicy.long_budget_s` are timed, at least one and at most `min_repeats`. A memory-only case
+(`built.memory_only`) runs each provider once, under the memory profiler, and neither checks nor times it.
 """
 
 from __future__ import annotations
@@ -350,6 +351,8 @@ def measure_case(
     machine whose speed drifts during the case shifts every provider alike. End-to-end cases are timed
     one provider after another, their peak memory taken in the verifying call (see the module docstring).
     """
+    if getattr(built, "memory_only", False):
+        return _measure_memory(built, providers)
     case = built.case
     scales = getattr(built.workload, "time_scale", {})
     cells = [
@@ -421,6 +424,25 @@ def measure_case(
     except Exception as error:  # a provider that passed its check but failed while timed
         for index in verified:
             cells[index].status, cells[index].message, cells[index].timing = ERROR, _one_line(error), None
+    return cells
+
+
+def _measure_memory(built: BuiltCase | BuiltEndToEnd, providers: Sequence[str]) -> list[Cell]:
+    """A memory-only case: each provider's peak memory in one profiled call; no check, no timing."""
+    case, cells = built.case, []
+    for provider in providers:
+        cell = Cell(
+            case.op, case.shape, case.mode, case.dtype, provider, OK, message="memory only: not timed"
+        )
+        try:
+            with built.scope(provider):
+                call = built.call(provider)
+                if call.setup is not None:
+                    call.setup()
+                _, cell.peak_memory_bytes = call_with_peak_memory(call.run, built.device)
+        except Exception as error:  # reported in the table, so that the other cells still run
+            cell.status, cell.message = ERROR, _one_line(error)
+        cells.append(cell)
     return cells
 
 
