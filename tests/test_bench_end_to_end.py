@@ -36,6 +36,7 @@ from zfkernels.bench.runner import (
     measure_case,
     measure_cell,
     run_cases,
+    time_long_calls_side_by_side,
 )
 from zfkernels.cli import _plan, build_parser, main
 
@@ -483,3 +484,20 @@ def test_mining_memory_case_profiles_each_provider_once_and_judges_the_ratio(mon
     assert {c.provider: c.peak_memory_bytes for c in load_run(tmp_path / "results.json").cells} == {
         p: c.peak_memory_bytes for p, c in cells.items()
     }
+
+
+def test_interleaved_long_calls_alternate_in_rounds_each_after_its_setup():
+    order: list[str] = []
+    fns = [lambda: order.append("a"), lambda: order.append("b")]
+    setups = [lambda: order.append("setup a"), None]
+    cpu = torch.device("cpu")
+    timings = time_long_calls_side_by_side(fns, cpu, TimingPolicy(repeats=3), [1.0, 1.0], setups)
+    assert order == ["setup a", "a", "b"] * 3 and [t.repeats for t in timings] == [3, 3]
+    # Without --repeats: the rounds that fit in the budget per call, at least 1, at most min_repeats.
+    order.clear()
+    policy = TimingPolicy(long_budget_s=10.0, min_repeats=5)
+    assert len(time_long_calls_side_by_side(fns, cpu, policy, [4.0, 6.0], [None, None])) == 2
+    assert order == ["a", "b"] * 2  # 10 s x 2 calls / 10 s of verifying calls
+    order.clear()
+    time_long_calls_side_by_side(fns, cpu, policy, [40.0, 60.0], [None, None])
+    assert order == ["a", "b"]

@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--interleave",
         action="store_true",
         help="time a case's providers in alternating rounds (cancels machine drift; charges page faults "
-        "that follow the other providers' memory churn); op cases only",
+        "that follow the other providers' memory churn); end-to-end cases: rounds of one call each",
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_visualize(commands)

@@ -7,7 +7,8 @@ A provider's `setup` (restoring the state a training step changed) runs before e
 
 End-to-end cases (`built.long_calls`) take seconds to minutes a call, so their verifying call is also their
 warm-up and runs under the memory profiler (its overhead costs no timing there); then as many calls as fit
-in `TimingPolicy.long_budget_s` are timed, at least one and at most `min_repeats`. A memory-only case
+in `TimingPolicy.long_budget_s` are timed, at least one and at most `min_repeats` (with `interleave`, in
+rounds of one call per provider). A memory-only case
 (`built.memory_only`) runs each provider once, under the memory profiler, and neither checks nor times it.
 """
 
@@ -404,7 +405,18 @@ def measure_case(
             if built.device.type == "cuda":
                 torch.cuda.empty_cache()
     try:
-        if built.long_calls:
+        if built.long_calls and policy.interleave:
+            entries = list(verified.values())
+            timings = time_long_calls_side_by_side(
+                [e.run for e in entries],
+                built.device,
+                policy,
+                [e.first_call_s for e in entries],
+                [e.setup for e in entries],
+            )
+            for index, timing in zip(verified, timings, strict=True):
+                cells[index].timing = timing
+        elif built.long_calls:
             for index, entry in verified.items():
                 cells[index].timing = time_long_call(
                     entry.run, built.device, policy, entry.first_call_s, entry.setup
@@ -495,6 +507,30 @@ def time_long_call(
         gc.collect()
         samples.append(_timed_once(fn, device, setup) * 1e3)
     return _summarize(samples)
+
+
+def time_long_calls_side_by_side(
+    fns: Sequence[Callable[[], object]],
+    device: torch.device,
+    policy: TimingPolicy,
+    first_calls_s: Sequence[float],
+    setups: Sequence[Callable[[], None] | None],
+) -> list[Timing]:
+    """time_long_call for several end-to-end calls in rounds of one call each, so that a machine whose speed
+    drifts over minutes shifts every provider alike (a ratio near its target is then judged fairly).
+    Rounds: `policy.repeats` if set, else as many as fit in `policy.long_budget_s` per call (judged by the
+    verifying calls), at least one and at most `policy.min_repeats`."""
+    if not fns:
+        return []
+    rounds = policy.repeats or max(
+        1, min(policy.min_repeats, int(policy.long_budget_s * len(fns) // max(sum(first_calls_s), 1e-9)))
+    )
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, setup, fn_samples in zip(fns, setups, samples, strict=True):
+            gc.collect()
+            fn_samples.append(_timed_once(fn, device, setup) * 1e3)
+    return [_summarize(fn_samples) for fn_samples in samples]
 
 
 def time_side_by_side(
