@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .. import ops
+from .. import memory, ops
 from .._extension import DTYPE_CODES, all_finite, cpu_module, output_empty
 from .chain import (
     BatchNorm,
@@ -872,7 +872,8 @@ class ForwardPass:
         origins = field.boxes(position)[:, :2]
         windows_shape = (entries.shape[0], images.shape[1], *field.size)
         if self._paths[layer] == "deconvnet":
-            windows = output_empty(windows_shape, images)  # every element is pasted (see _chain_windows)
+            # Every element is pasted (see _chain_windows). Not from the CPU output cache: sizes vary by call.
+            windows = images.new_empty(windows_shape)
             chain = self._chains[layer]
             boxes = chain.input_boxes(position, (height, width))
             if entries.shape[0] > 0:
@@ -915,7 +916,10 @@ class ForwardPass:
             _paste(windows, index.tolist(), window, origin - origins[index], valid, fill=True)
 
         order = torch.sort(channel, stable=True).indices  # filter-major: shared seeds (see _seed)
-        with _eval_mode(self._deconvnet.model), torch.no_grad():
+        # Outside the CPU output cache: every call's chunks have other sizes (entries per image vary), so
+        # cached storages are never reused but hoarded, and each chunk faulted fresh pages in, where the
+        # allocator would have recycled freed ones (measured: the fused step 2-3x slower with the cache).
+        with _eval_mode(self._deconvnet.model), torch.no_grad(), memory._bypassed():
             self._deconvnet._run(plan, record, sink, order, image_index, channel, values, position)
 
     def _gradients(
