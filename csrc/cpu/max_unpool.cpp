@@ -17,7 +17,8 @@ ZFK_VECTORIZED void relu_plane(T* data, int64_t n) {
   for (int64_t i = 0; i < n; ++i) data[i] = zfk::relu(data[i]);
 }
 
-// One plane: zero a cache-resident accumulator, add each value at its switch target in row-major
+// One plane: zero an accumulator (the output plane itself, or a cache-resident buffer when the output is
+// streamed or of a half type), add each value at its switch target in row-major
 // window order (the order kernels/max_unpool.h's gather sums in, so both agree bit for bit), rectify,
 // then copy the plane out (half types round once here). Returns the invalid switches seen (skipped).
 template <typename V, typename S>
@@ -41,6 +42,14 @@ int64_t unpool_plane(const T* values, const S* switches, const T* gate, const Po
                      std::vector<float>& widened) {
   using C = compute_t<T>;
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
+  if constexpr (std::is_same_v<C, T>) {
+    if (!stream) {  // the output plane is the accumulator: no copy pass (a plane is small enough for L1/L2)
+      std::fill(out, out + in_plane, T(0));
+      const int64_t invalid = scatter_add(values, switches, gate, decoder, out);
+      if (relu) relu_plane(out, in_plane);
+      return invalid;
+    }
+  }
   std::fill(acc.begin(), acc.end(), C(0));
   int64_t invalid;
   if constexpr (std::is_same_v<C, T>) {
