@@ -152,6 +152,64 @@ def test_dispatch_reaches_the_selected_backend(monkeypatch, selected, op):
         assert mode.seen == [f"zfkernels::{op}"], mode.seen
 
 
+def _zfkernels_events(run) -> list[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run()
+    return [e.name for e in profile.events() if e.name.startswith("zfkernels")]
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the cpu backend")
+def test_plain_eager_calls_skip_the_dispatcher():
+    """Plain eager calls run the op's body directly (the dispatcher's Python round trip cost more than a
+    small kernel), inside the op's own autograd Function when a gradient is needed."""
+    x = torch.randn(2, 3, 8, 8)
+    assert _zfkernels_events(lambda: zk.relu(x)) == []
+    leaf = x.clone().requires_grad_()
+    out = zk.relu(leaf, backward="guided")
+    assert type(out.grad_fn).__name__ == "zfkernels_reluBackward"
+    grad = torch.randn_like(x)
+    out.backward(grad)
+    assert_bitwise_equal(leaf.grad, torch.where((x > 0) & (grad > 0), grad, 0.0), "guided gradient")
+    # Through the dispatcher when something else must see the op: a mode, a subclass, a compiled graph.
+    with _OpsSeen() as mode:
+        zk.relu(x)
+    assert mode.seen == ["zfkernels::relu"]
+
+    class Tagged(torch.Tensor):
+        pass
+
+    tagged = x.as_subclass(Tagged)
+    assert _backend._dispatcher_needed((tagged,)) and not _backend._dispatcher_needed((x, 0))
+    assert_bitwise_equal(zk.relu(tagged).as_subclass(torch.Tensor), torch.relu(x), "subclass relu")
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the cpu backend")
+def test_direct_in_place_calls_bump_the_version():
+    """An in-place op run without the dispatcher still tells autograd it wrote (stock raises, so must we)."""
+    weight = torch.randn(2, 3, 8, 8, requires_grad=True)
+    x = torch.randn(2, 3, 8, 8)
+    product = weight * x  # saves x for weight's gradient
+    before = x._version
+    zk.relu(x, inplace=True)
+    assert x._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        product.sum().backward()
+    conv = torch.randn(4, 3, 3, 3) * 5
+    scaled = weight[:, :, :3, :3].sum() * conv  # saves conv
+    zk.renormalize_filters_(conv)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        scaled.sum().backward()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings (Linux)")
+def test_one_openmp_runtime():
+    """The kernels' threads are torch's own OpenMP workers: one OpenMP runtime in the process, not two
+    pools fighting for the cores (csrc/cpu/parallel.h)."""
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) <= 1, runtimes
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_custom_ops_are_registered(op):
     packet = getattr(torch.ops.zfkernels, op)

@@ -44,7 +44,6 @@ def output_empty(
     Large CPU outputs come from the output cache (zfkernels.memory): ordinary torch storages already
     faulted in (a fresh large allocation faults every page on first touch, which costs as much as the
     kernel), reused once nothing else holds them."""
-    dtype = dtype or like.dtype
     if like.device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=like.device)
-    return memory.output_empty(tuple(shape), dtype)
+        return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+    return memory.output_empty(shape, dtype or like.dtype)

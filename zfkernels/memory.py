@@ -64,6 +64,7 @@ def _advise_huge_pages(address: int, nbytes: int) -> None:
 
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
+_CPU = torch.device("cpu")
 
 
 class CacheInfo(TypedDict):
@@ -224,7 +225,7 @@ def output_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized contiguous CPU tensor; large ones come from the cache."""
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < CACHED_OUTPUT_MIN_BYTES:
-        return torch.empty(shape, dtype=dtype, device="cpu")
+        return torch.empty(size=shape, dtype=dtype, device=_CPU)  # the fastest spelling (~2 us)
     return _cache.empty(shape, dtype, nbytes)
 
 

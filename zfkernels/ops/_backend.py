@@ -10,8 +10,10 @@ GPU) and "cuda" (CUDA C++ kernels, CUDA tensors). "auto" resolves per device and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from types import ModuleType, SimpleNamespace
@@ -93,6 +95,7 @@ def set_backend(name: str) -> None:
     if reason is not None:
         raise RuntimeError(f"backend {name!r} is not available: {reason}")
     _selected = name
+    _implementations.clear()
 
 
 @contextlib.contextmanager
@@ -146,11 +149,16 @@ def _module(name: str) -> ModuleType:
     )
 
 
+_implementations: dict[str, ModuleType | SimpleNamespace] = {}  # per device type, for the selection
+
+
 def implementation(device: torch.device) -> ModuleType | SimpleNamespace:
     """The backend functions that run ops on `device` under the current selection (per op under "auto")."""
-    if _selected != "auto" or device.type != "cuda":
-        return _module(resolve(device))
-    return _auto_on_cuda()
+    found = _implementations.get(device.type)
+    if found is None:
+        found = _module(resolve(device)) if _selected != "auto" or device.type != "cuda" else _auto_on_cuda()
+        _implementations[device.type] = found
+    return found
 
 
 @functools.cache  # which backends are available cannot change within a process
@@ -167,22 +175,103 @@ def _auto_on_cuda() -> SimpleNamespace:
 # A forward-mode formula `jvp(inputs, output, tangents)` returns the output's tangent (a tuple when the op
 # has several outputs; None for a zero or non-differentiable one) from the inputs' tangents (None where an
 # input has none); it is linear in the tangents and calls ops through `op()`, like the backward formulas.
-_AUTOGRAD: dict[str, tuple[Callable, Callable, Callable]] = {}
+#
+# In plain eager code (no torch.compile, tracing, torch.func transform, forward AD, mode or tensor
+# subclass) a call skips the dispatcher: the op's body runs directly, inside the same autograd.Function
+# when a gradient is needed. The dispatcher's round trip through Python cost ~20 us a call, more than a
+# small op's kernel.
+
+
+@dataclasses.dataclass
+class OpRecord:
+    """One zfkernels:: op: its custom op, its Python body, and (once registered) its autograd Function."""
+
+    name: str
+    custom_op: object  # torch._library.custom_ops.CustomOpDef
+    body: Callable  # the function the custom op runs on every device (it picks the backend)
+    mutated: tuple[int, ...]  # positions of the arguments it writes in place
+    formulas: tuple[Callable, Callable, Callable] | None = None  # backward, setup_context, jvp
+    direct_function: type[torch.autograd.Function] | None = None  # the Function, called without dispatch
+    call: Callable = None  # type: ignore[assignment]  # what op() returns for it on non-triton backends
+
+
+OPS: dict[str, OpRecord] = {}
+
+
+def define_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable:
+    """Decorator: `fn` becomes the custom op zfkernels::<name> (schema from its annotations), recorded."""
+
+    def wrap(fn: Callable):
+        custom_op = torch.library.custom_op(f"zfkernels::{name}", mutates_args=mutates_args)(fn)
+        parameters = list(inspect.signature(fn).parameters)
+        record = OpRecord(name, custom_op, fn, tuple(parameters.index(a) for a in mutates_args))
+        record.call = _direct_caller(record, custom_op._opoverload)
+        OPS[name] = record
+        return custom_op
+
+    return wrap
 
 
 def register_autograd(custom_op, backward: Callable, setup_context: Callable, jvp: Callable) -> None:
     """Give a zfkernels custom op its reverse- and forward-mode formulas (remembered for its triton twin)."""
-    _install_autograd(custom_op, backward, setup_context, jvp)
-    _AUTOGRAD[custom_op._qualname.split("::")[1]] = (backward, setup_context, jvp)
+    record = OPS[custom_op._qualname.split("::")[1]]
+    record.formulas = (backward, setup_context, jvp)
+    record.direct_function = _install_autograd(custom_op, backward, setup_context, jvp, record.body)
 
 
 def register_twin_autograd(namespace: str) -> None:
     """Give every op of `namespace` that has a zfkernels twin the twin's autograd formulas."""
     from torch._library.custom_ops import OPDEFS
 
-    for name, formulas in _AUTOGRAD.items():
-        if hasattr(getattr(torch.ops, namespace), name):
-            _install_autograd(OPDEFS[f"{namespace}::{name}"], *formulas)
+    for name, record in OPS.items():
+        if record.formulas is not None and hasattr(getattr(torch.ops, namespace), name):
+            _install_autograd(OPDEFS[f"{namespace}::{name}"], *record.formulas)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _dispatcher_needed(args: tuple) -> bool:
+    """Whether a call must go through the dispatcher: something besides eager autograd sees the op."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS:
+            return True  # a subclass (FakeTensor, FunctionalTensor, DTensor, ...) has its own handling
+    # (A TorchFunctionMode never sees a torch.ops call, so one being active changes nothing: zfkernels.patch
+    # runs a model's forward under one.)
+    return (
+        torch.compiler.is_compiling()
+        or forward_ad._current_level >= 0
+        or torch._C._are_functorch_transforms_active()
+        or torch._C._get_tracing_state() is not None
+        or torch._C._len_torch_dispatch_stack() > 0
+    )
+
+
+def runs_directly(name: str, *tensors: torch.Tensor) -> bool:
+    """Whether op `name` on these tensors runs without the dispatcher: plain eager code, and a backend
+    other than triton (which runs through its twin op)."""
+    device = tensors[0].device
+    if (device.type != "cpu" or _selected == "triton") and _runs_twin(device.type, name):
+        return False
+    return not _dispatcher_needed(tensors)
+
+
+def _direct_caller(record: OpRecord, overload) -> Callable:
+    body, mutated = record.body, record.mutated
+
+    def call(*args):
+        if _dispatcher_needed(args):
+            return overload(*args)
+        function = record.direct_function
+        if function is not None and torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return function.apply(*args)
+        result = body(*args)
+        for index in mutated:  # as the dispatcher's in-place bookkeeping: autograd sees the write
+            torch.autograd.graph.increment_version(args[index])
+        return result
+
+    call.__name__ = call.__qualname__ = record.name
+    return call
 
 
 def _tangent(value):
@@ -201,8 +290,11 @@ def _dual(output: torch.Tensor, tangent: torch.Tensor | None) -> torch.Tensor:
 _SAVED = object()  # stands for a tensor input among the non-tensor ones kept for the forward-mode formula
 
 
-def _install_autograd(custom_op, backward: Callable, setup_context: Callable, jvp: Callable) -> None:
+def _install_autograd(
+    custom_op, backward: Callable, setup_context: Callable, jvp: Callable, body: Callable | None = None
+) -> type[torch.autograd.Function] | None:
     """Register the op's Autograd kernel: an autograd.Function with its backward and forward-mode formulas.
+    Returns, when `body` is given, the same Function around `body` for calls that skip the dispatcher.
 
     This replaces the kernel torch.library's register_autograd installs, which records a backward only when
     an input requires grad: dual tensors (forward AD, torch.func.jvp) do not, so their tangents were dropped
@@ -281,6 +373,18 @@ def _install_autograd(custom_op, backward: Callable, setup_context: Callable, jv
         return below_autograd(keyset, args)
 
     custom_op._lib.impl(custom_op._name, autograd_kernel, "Autograd", with_keyset=True)
+    if body is None:
+        return None
+    # Direct calls never carry forward-mode tangents (those go through the dispatcher), so no jvp here.
+    return type(
+        formulas.__name__,
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(body),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+        },
+    )
 
 
 def _in_reverse_transform(args) -> bool:
@@ -305,8 +409,8 @@ def _runs_twin(device_type: str, name: str) -> bool:
 
 
 def op(name: str, device: torch.device) -> Callable:
-    """The torch op a call of `name` on `device` goes through: zfkernels_triton::<name> when the triton
-    backend runs it, else zfkernels::<name> (which picks its backend when it runs)."""
-    if _runs_twin(device.type, name):
-        return getattr(torch.ops.zfkernels_triton, name)
-    return getattr(torch.ops.zfkernels, name)
+    """What a call of `name` on `device` goes through: zfkernels_triton::<name> when the triton backend runs
+    it, else zfkernels::<name> (which picks its backend when it runs), directly in plain eager code."""
+    if (device.type != "cpu" or _selected == "triton") and _runs_twin(device.type, name):
+        return getattr(torch.ops.zfkernels_triton, name)  # (triton runs CPU tensors only when selected)
+    return OPS[name].call

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._backend import implementation, op, register_autograd
+from ._backend import define_op, implementation, op, register_autograd
 from ._checks import check_nonempty_weight, check_same_device, check_tensor, pair
 
 
@@ -18,7 +18,7 @@ def conv_transpose_output_size(
     return (size - 1) * stride - 2 * pad + dilation * (kernel - 1) + output_pad + 1
 
 
-@torch.library.custom_op("zfkernels::conv_transpose2d", mutates_args=())
+@define_op("conv_transpose2d", mutates_args=())
 def _conv_transpose2d_op(
     input: Tensor,
     weight: Tensor,

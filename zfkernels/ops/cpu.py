@@ -16,7 +16,7 @@ from .reference import RULES
 
 
 def _threads() -> int:
-    return torch.get_num_threads()
+    return torch.get_num_threads()  # per call: torch.set_num_threads may change it
 
 
 def max_pool2d_switches(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._backend import implementation, op, register_autograd
+from ._backend import OPS, define_op, implementation, op, register_autograd
 from ._checks import (
     check_no_invalid_switches,
     check_nonempty_planes,
@@ -21,7 +21,7 @@ from ._checks import (
 from .reference import switch_targets
 
 
-@torch.library.custom_op("zfkernels::max_pool2d_switches", mutates_args=())
+@define_op("max_pool2d_switches", mutates_args=())
 def _max_pool2d_switches_op(
     input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], ceil_mode: bool, relu: bool
 ) -> tuple[Tensor, Tensor]:
@@ -57,7 +57,7 @@ def _backward(ctx, grad_values, _grad_switches):
     return grad_input, None, None, None, None, None
 
 
-@torch.library.custom_op("zfkernels::max_pool2d_switches_backward", mutates_args=())
+@define_op("max_pool2d_switches_backward", mutates_args=())
 def _max_pool2d_switches_backward_op(
     grad: Tensor,
     values: Tensor,
@@ -171,12 +171,13 @@ def switches_to_indices(
         raise TypeError(f"input_size must be a sequence ending in (H, W), got {input_size!r}")
     in_size = pair(tuple(input_size[-2:]), "input_size", 1)
     kernel, stride_pair, pad = pool_params(kernel_size, stride, padding)
-    return _switches_to_indices_op(switches, list(in_size), list(kernel), list(stride_pair), list(pad))
+    indices = OPS["switches_to_indices"].call  # no triton twin: one op on every backend
+    return indices(switches, list(in_size), list(kernel), list(stride_pair), list(pad))
 
 
 # An op, not inline torch code, so that the switches are validated when it runs in every mode: traced by
 # torch.compile, inline code could not look at the data.
-@torch.library.custom_op("zfkernels::switches_to_indices", mutates_args=())
+@define_op("switches_to_indices", mutates_args=())
 def _switches_to_indices_op(
     switches: Tensor, input_size: list[int], kernel_size: list[int], stride: list[int], padding: list[int]
 ) -> Tensor:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._backend import implementation, op, register_autograd
+from ._backend import define_op, implementation, op, register_autograd
 from ._checks import (
     SWITCH_DTYPES,
     check_nonempty_planes,
@@ -19,7 +19,7 @@ from ._checks import (
 )
 
 
-@torch.library.custom_op("zfkernels::max_unpool2d", mutates_args=())
+@define_op("max_unpool2d", mutates_args=())
 def _max_unpool2d_op(
     values: Tensor,
     switches: Tensor,
@@ -72,7 +72,7 @@ def _unpool_jvp(inputs, output, tangents):
 register_autograd(_max_unpool2d_op, _unpool_backward, _unpool_setup, _unpool_jvp)
 
 
-@torch.library.custom_op("zfkernels::gather_switches", mutates_args=())
+@define_op("gather_switches", mutates_args=())
 def _gather_switches_op(
     source: Tensor, switches: Tensor, kernel_size: list[int], stride: list[int], padding: list[int]
 ) -> Tensor:

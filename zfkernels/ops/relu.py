@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backend import has_tangent, implementation, op, register_autograd
+from ._backend import define_op, has_tangent, implementation, op, register_autograd, runs_directly
 from ._checks import check_same_device, check_tensor
 from .reference import RULES
 
 
-@torch.library.custom_op("zfkernels::relu", mutates_args=())
+@define_op("relu", mutates_args=())
 def _relu_op(input: Tensor, rule: int) -> Tensor:
     return implementation(input.device).relu(input)
 
@@ -38,12 +38,12 @@ def _relu_jvp(inputs, output, tangents):
 register_autograd(_relu_op, _relu_backward, _relu_setup, _relu_jvp)
 
 
-@torch.library.custom_op("zfkernels::relu_", mutates_args=("input",))
+@define_op("relu_", mutates_args=("input",))
 def _relu_inplace_op(input: Tensor) -> None:
     implementation(input.device).relu_(input)
 
 
-@torch.library.custom_op("zfkernels::relu_backward", mutates_args=())
+@define_op("relu_backward", mutates_args=())
 def _relu_backward_op(grad: Tensor, output: Tensor, rule: int) -> Tensor:
     return implementation(grad.device).relu_backward(grad, output, rule)
 
@@ -78,6 +78,27 @@ def _relu_backward_jvp(inputs, output, tangents):
 register_autograd(_relu_backward_op, _relu_backward_backward, _relu_backward_setup, _relu_backward_jvp)
 
 
+class zfkernels_relu_(torch.autograd.Function):  # noqa: N801 (graphs read "zfkernels_relu_Backward")
+    """ReLU in place under autograd, as torch.relu_: the input becomes the output, whose sign the backward
+    reads. Plain eager only (a mutating custom op cannot carry a backward formula): elsewhere an in-place
+    call under autograd writes a copy back."""
+
+    @staticmethod
+    def forward(input: Tensor, rule: int) -> Tensor:
+        implementation(input.device).relu_(input)
+        return input
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_dirty(inputs[0])
+        ctx.rule = inputs[1]
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _relu_backward(ctx, grad)
+
+
 def _rule_code(backward: str) -> int:
     if backward not in RULES:
         raise ValueError(f"backward must be one of {list(RULES)}, got {backward!r}")
@@ -95,6 +116,8 @@ def relu(input: Tensor, inplace: bool = False, *, backward: str = "standard") ->
     if not inplace:
         return op("relu", input.device)(input, rule)
     if (torch.is_grad_enabled() and input.requires_grad) or has_tangent(input):
+        if runs_directly("relu_", input):
+            return zfkernels_relu_.apply(input, rule)
         # autograd (and forward AD) records the copy like any in-place op
         return input.copy_(op("relu", input.device)(input, rule))
     op("relu_", input.device)(input)

@@ -16,7 +16,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from ._backend import implementation, op
+from ._backend import define_op, implementation, op
 from ._checks import FLOAT_DTYPES
 
 ModuleOrTensor = TypeVar("ModuleOrTensor", torch.nn.Module, Tensor)
@@ -24,7 +24,7 @@ ModuleOrTensor = TypeVar("ModuleOrTensor", torch.nn.Module, Tensor)
 PAPER_RADIUS = 0.1  # "renormalize each filter ... whose RMS value exceeds a fixed radius of 1e-1"
 
 
-@torch.library.custom_op("zfkernels::renormalize_filters_", mutates_args=("weight",))
+@define_op("renormalize_filters_", mutates_args=("weight",))
 def _renormalize_filters_op(weight: Tensor, radius: float) -> None:
     implementation(weight.device).renormalize_filters_(weight, radius)
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._backend import implementation, op, register_autograd
+from ._backend import define_op, implementation, op, register_autograd
 from ._checks import (
     check_nonempty_planes,
     check_nonempty_weight,
@@ -20,7 +20,7 @@ from .conv_transpose import conv_transpose_output_size
 from .max_unpool import _check_switches, unpool_output_size
 
 
-@torch.library.custom_op("zfkernels::unpool_conv_transpose2d", mutates_args=())
+@define_op("unpool_conv_transpose2d", mutates_args=())
 def _unpool_conv_transpose2d_op(
     values: Tensor,
     switches: Tensor,
