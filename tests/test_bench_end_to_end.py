@@ -20,6 +20,7 @@ import zfkernels
 import zfkernels.bench.cases as cases_module
 from zfkernels.bench.cases import (
     END_TO_END,
+    PATCHED_MODELS,
     Case,
     ProviderCall,
     provider_unavailable,
@@ -66,8 +67,28 @@ def _verify(built, provider: str) -> str | None:
 # ---------------------------------------------------------------------------------------------- selection
 def test_end_to_end_cases_join_the_default_selection_after_the_op_cases():
     selected = select_cases()
-    assert selected[-2:] == [TRAIN, DECONVNET]
-    assert all(not case.end_to_end for case in selected[:-2])
+    patched = [Case("patched_models", s, m, "fp32") for s in PATCHED_MODELS for m in ("forward", "full")]
+    assert selected[-10:] == [TRAIN, DECONVNET, *patched]
+    assert all(not case.end_to_end for case in selected[:-10])
+
+
+def test_the_headline_selection():
+    """The default run: each op at L1, L5 and tiny (where it exists), forward and backward; the end-to-end
+    cases at their headline shapes; named shapes and modes still narrow it."""
+    selected = select_cases(modes=None, dtypes=["fp32"], headline=True)
+    ops = [c for c in selected if not c.end_to_end]
+    assert {c.shape for c in ops} == {"L1", "L5", "tiny"} and {c.mode for c in ops} == {"forward", "backward"}
+    assert {(c.op, c.shape) for c in ops if c.shape == "tiny"} == {
+        ("pool", "tiny"),
+        ("unpool", "tiny"),
+        ("relu", "tiny"),
+    }
+    assert [c for c in selected if c.end_to_end] == [
+        TRAIN, DECONVNET, Case("patched_models", "ResNet18.32", "forward", "fp32"),
+        Case("patched_models", "ResNet18.32", "full", "fp32"),
+    ]  # fmt: skip
+    named = select_cases(ops=["relu"], shapes=["L3"], modes=["full"], headline=True)
+    assert named == [Case("relu", "L3", "full", "fp32")]
 
 
 @pytest.mark.parametrize(
@@ -335,21 +356,28 @@ def test_cli_without_torchvision_drops_deconvnet_by_default_and_refuses_it_by_na
     assert f"cannot run deconvnet: {missing}" in capsys.readouterr().err
 
 
-def test_cli_default_runs_every_mode_in_fp32_and_bf16_and_quick_a_subset():
-    """The default run is the issue's matrix: every op in forward, backward and full, fp32 and bf16 (the
-    end-to-end cases in their own mode and fp32); --quick keeps fp32 and each op's own modes."""
-    selected, _, _ = _plan(build_parser().parse_args(["bench"]))
+def test_cli_default_is_the_headline_full_the_matrix_and_quick_the_headline_smaller():
+    """The default run is the headline (L1, L5 and tiny, forward and backward, fp32; reduced end-to-end
+    cases; no compile or reference); --full the issue's matrix: every op in forward, backward and full,
+    fp32 and bf16 (the end-to-end cases in their own modes and fp32); --quick the headline at batch 8."""
+    selected, settings, _ = _plan(build_parser().parse_args(["bench"]))
     op_cases = [case for case in selected if not case.end_to_end]
+    assert {(case.shape, case.mode, case.dtype) for case in op_cases} == {
+        (shape, mode, "fp32") for shape in ("L1", "L5", "tiny") for mode in ("forward", "backward")
+    }
+    assert settings.quick and settings.profile == "headline" and settings.batch == 32
+    assert "compile" not in settings.providers and "reference" not in settings.providers
+    full, settings, _ = _plan(build_parser().parse_args(["bench", "--full"]))
+    op_cases = [case for case in full if not case.end_to_end]
     assert {(case.mode, case.dtype) for case in op_cases} == {
         (mode, dtype) for mode in ("forward", "backward", "full") for dtype in ("fp32", "bf16")
     }
     assert {case.shape for case in op_cases if case.op == "unpool_conv_transpose"} == {"L1", "L2", "L5"}
-    quick, _, _ = _plan(build_parser().parse_args(["bench", "--quick"]))
-    assert {case.dtype for case in quick} == {"fp32"}
-    assert {(case.op, case.mode) for case in quick if not case.end_to_end} == {
-        ("pool", "forward"), ("pool", "backward"), ("relu", "forward"), ("relu", "backward"),
-        ("unpool", "forward"), ("conv_transpose", "forward"), ("unpool_conv_transpose", "forward"),
-    }  # fmt: skip
+    assert not settings.quick and settings.profile == "full" and settings.providers is None
+    quick, settings, _ = _plan(build_parser().parse_args(["bench", "--quick"]))
+    assert quick == selected and settings.batch == 8 and settings.profile == "quick"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--quick", "--full"])
 
 
 def test_cli_quick_keeps_captum_and_leaves_out_compile_and_the_reference():
@@ -501,3 +529,54 @@ def test_interleaved_long_calls_alternate_in_rounds_each_after_its_setup():
     order.clear()
     time_long_calls_side_by_side(fns, cpu, policy, [40.0, 60.0], [None, None])
     assert order == ["a", "b"]
+
+
+def test_the_table_fits_a_width_and_says_what_it_left_out(end_to_end_run):
+    full = format_table(end_to_end_run)
+    narrow = format_table(end_to_end_run, width=60)
+    assert "peak MB eager/best" in full.splitlines()[0] and "peak MB" not in narrow.splitlines()[0]
+    assert "left out to fit 60 columns: peak MB eager/best" in narrow
+    assert "cpu ms" not in narrow.splitlines()[0] and " x" in narrow.splitlines()[0]  # speedups stay
+
+
+@pytest.mark.parametrize("mode", ["forward", "full"])
+def test_patched_models_verify_against_the_unpatched_model(mode):
+    """Each backend's patched ResNet18 (inference, or one SGD step with batch norm and momentum) matches the
+    reference backend's, as the unpatched model does; a step from the restored state repeats exactly."""
+    built = Case("patched_models", "ResNet18.32", mode, "fp32").build(batch=2, device="cpu", quick=True)
+    assert built.shapes["images"] == [4, 3, 32, 32]
+    for provider in ("eager", "cpu"):
+        assert _verify(built, provider) is None, provider
+    with built.scope("cpu"):
+        call = built.call("cpu")
+        first = [t.clone() for t in call.comparable(call.fresh_run())]
+        again = call.comparable(call.fresh_run())
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_op_targets_are_judged_at_their_batch_only():
+    """Every README target on op cells is judged from the run's cells (at batch 32), its figures shown and
+    not judged at another batch, and a target whose provider was not timed says so."""
+    from zfkernels.bench.report import op_target_lines
+    from zfkernels.bench.runner import BenchRun, Cell, CopyBandwidth, Timing, describe_machine
+
+    def cell(provider: str, ms: float) -> Cell:
+        timing = Timing(ms, ms, ms, 5)
+        return Cell("pool", "L1", "forward", "fp32", provider, OK, timing=timing, bytes_moved=10**9)
+
+    settings = Settings(
+        device="cpu", batch=32, image_size=224, threads=2, providers=None, policy=TimingPolicy(repeats=1)
+    )
+    copy = CopyBandwidth(nbytes=1, preallocated_gbps=100.0, fresh_gbps=50.0, process_gbps=[100.0])
+    machine = describe_machine(torch.device("cpu"), 2)
+    run = BenchRun(machine, settings, copy, {}, [cell("eager", 300.0), cell("cpu", 12.0)])
+    lines = op_target_lines(run)
+    assert "relu + pool with switches, L1 forward >= 10x eager: pool/L1/forward/fp32 25.00x: met" in lines
+    assert "... >= 5x torch.compile: not measured (compile not timed in this run)" in lines
+    assert "... at >= 80% of the copy's bandwidth: pool/L1/forward/fp32 83% of the copy: met" in lines
+    assert any(line.startswith("every memory-bound cell") and line.endswith("25.00x: met") for line in lines)
+    settings.batch = 8
+    assert op_target_lines(run)[0] == (
+        "relu + pool with switches, L1 forward >= 10x eager: not judged (set for batch 32): "
+        "pool/L1/forward/fp32 25.00x"
+    )

@@ -55,6 +55,13 @@ BASELINE_PROVIDERS = ("forward", "eighth")
 EXTERNAL_PROVIDERS = (*STOCK_PROVIDERS, *THIRD_PARTY_PROVIDERS, *BASELINE_PROVIDERS)
 
 LAYERS = ("L1", "L2", "L3", "L4", "L5")
+# A tensor of 1x4x8x8 (batch 1 whatever --batch says): what a call costs when the kernel is nothing, the
+# fixed per-call overhead a model of many small layers pays.
+TINY = "tiny"
+TINY_BATCH = 1
+# The default run's op cells: the biggest layer, the smallest, and the per-call cost; forward and backward.
+HEADLINE_LAYERS = ("L1", "L5", TINY)
+HEADLINE_MODES = ("forward", "backward")
 
 POOL_KERNEL, POOL_STRIDE = 3, 2  # ZFNet's overlapping 3x3 stride-2 pools, ceil_mode
 DEFAULT_IMAGE_SIZE = 224
@@ -136,6 +143,13 @@ def zfnet_layers(image_size: int = DEFAULT_IMAGE_SIZE) -> dict[str, ConvLayer]:
     return layers
 
 
+def layer_geometry(shape: str, image_size: int = DEFAULT_IMAGE_SIZE) -> ConvLayer:
+    """The geometry an op case runs at: a ZFNet layer at `image_size`, or the tiny 4-channel 8x8 map."""
+    if shape == TINY:
+        return ConvLayer(TINY, 4, 4, 1, 1, 0, 8, True)  # a 1x1 conv: 8x8 maps, pooled to 4x4
+    return zfnet_layers(image_size)[shape]
+
+
 def _as_tuple(outputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
     return tuple(outputs)
 
@@ -215,10 +229,11 @@ class Case:
             spec = END_TO_END[self.op]
             if self.dtype not in spec.dtypes:
                 raise ValueError(f"{self.op} runs in {', '.join(spec.dtypes)} only: {spec.dtype_reason}")
-            workload = spec.build(batch, image_size, quick, device, seed)
+            workload = spec.build(batch, image_size, quick, device, seed, self.shape, self.mode)
             return BuiltEndToEnd(self, device, workload)
         generator = torch.Generator(device=device).manual_seed(seed)
-        layer = zfnet_layers(image_size)[self.shape]
+        layer = layer_geometry(self.shape, image_size)
+        batch = TINY_BATCH if self.shape == TINY else batch
         workload = self.spec.build(layer, batch, DTYPES[self.dtype], device, generator)
         return BuiltCase(self, device, workload)
 
@@ -444,11 +459,11 @@ def _unpool_conv_transpose_workload(
 OPS: dict[str, OpSpec] = {
     spec.name: spec
     for spec in (
-        OpSpec("pool", ("L1", "L2", "L5"), ("forward", "backward"), exact=True, memory_bound=True,
+        OpSpec("pool", ("L1", "L2", "L5", TINY), ("forward", "backward"), exact=True, memory_bound=True,
                reference_is_stock=False, build=_pool_workload),
-        OpSpec("unpool", ("L1", "L2", "L5"), ("forward",), exact=True, memory_bound=True,
+        OpSpec("unpool", ("L1", "L2", "L5", TINY), ("forward",), exact=True, memory_bound=True,
                reference_is_stock=False, build=_unpool_workload),
-        OpSpec("relu", LAYERS, ("forward", "backward"), exact=True, memory_bound=True,
+        OpSpec("relu", (*LAYERS, TINY), ("forward", "backward"), exact=True, memory_bound=True,
                reference_is_stock=True, build=_relu_workload),
         OpSpec("conv_transpose", LAYERS, ("forward",), exact=False, memory_bound=False,
                reference_is_stock=True, build=_conv_transpose_workload),
@@ -458,21 +473,73 @@ OPS: dict[str, OpSpec] = {
 }  # fmt: skip
 
 
+@dataclass(frozen=True)
+class OpTarget:
+    """A README target on op cells (set for batch 32 at ZFNet's 224 input): the fastest zfkernels backend
+    of every matching cell at least `times` x faster than `provider` ("eager", "compile"), or, for
+    provider "copy", moving at least `times` of the preallocated copy's bandwidth."""
+
+    what: str
+    ops: tuple[str, ...]
+    shapes: tuple[str, ...]
+    modes: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    provider: str
+    times: float
+
+    def applies(self, case: Case) -> bool:
+        return (
+            case.op in self.ops
+            and case.shape in self.shapes
+            and case.mode in self.modes
+            and case.dtype in self.dtypes
+        )
+
+
+TARGET_BATCH = 32
+_MEMORY_BOUND_OPS = ("pool", "unpool", "relu")
+OP_TARGETS: tuple[OpTarget, ...] = (
+    OpTarget("relu + pool with switches, L1 forward >= 10x eager", ("pool",), ("L1",), ("forward",),
+             ("fp32",), "eager", 10.0),
+    OpTarget("... and >= 25x eager (issue 14: no regression)", ("pool",), ("L1",), ("forward",), ("fp32",),
+             "eager", 25.0),
+    OpTarget("... >= 5x torch.compile", ("pool",), ("L1",), ("forward",), ("fp32",), "compile", 5.0),
+    OpTarget("... at >= 80% of the copy's bandwidth", ("pool",), ("L1",), ("forward",), ("fp32",), "copy",
+             0.8),
+    OpTarget("unpool + relu, L1 forward >= 5x eager", ("unpool",), ("L1",), ("forward",), ("fp32",), "eager",
+             5.0),
+    OpTarget("max-pool backward, L1 >= 3x eager", ("pool",), ("L1",), ("backward",), ("fp32",), "eager", 3.0),
+    OpTarget("conv_transpose2d, L1 forward >= 2x eager", ("conv_transpose",), ("L1",), ("forward",),
+             ("fp32",), "eager", 2.0),
+    OpTarget("unpool_conv_transpose2d, L2 forward >= 2x the three stock ops", ("unpool_conv_transpose",),
+             ("L2",), ("forward",), ("fp32",), "eager", 2.0),
+    OpTarget("every memory-bound cell (pool, unpool, relu at L1-L5) >= 1.0x eager", _MEMORY_BOUND_OPS,
+             LAYERS, MODES, tuple(DTYPES), "eager", 1.0),
+    OpTarget("every convolution cell >= 0.95x eager", ("conv_transpose", "unpool_conv_transpose"), LAYERS,
+             MODES, tuple(DTYPES), "eager", 0.95),
+    OpTarget("per-call cost: a tiny (1x4x8x8) call <= 4x torch's (>= 0.25x eager)", _MEMORY_BOUND_OPS,
+             (TINY,), MODES, tuple(DTYPES), "eager", 0.25),
+)  # fmt: skip
+
+
 def select_cases(
     ops: Sequence[str] | None = None,
     shapes: Sequence[str] | None = None,
     modes: Sequence[str] | None = None,
     dtypes: Sequence[str] = ("fp32",),
+    headline: bool = False,
 ) -> list[Case]:
     """The cases of the chosen ops, shapes, modes and dtypes, in suite order (op cases, then end-to-end).
 
     `None` means each op's own: all its layers, and its quick modes (the issue-2 set: pool forward and
-    backward, ReLU forward and backward, everything else forward). An end-to-end case exists at one shape,
-    in one mode and in its own dtypes only, so a selection that names none of those leaves it out (an
-    empty result is the caller's to report: see `describe_ops`). Unknown names raise ValueError.
+    backward, ReLU forward and backward, everything else forward). `headline` (the default run of
+    `zfkernels bench`) narrows what is not named: op cases at HEADLINE_LAYERS, forward and backward;
+    end-to-end cases at their headline shapes. An end-to-end case exists at its own shapes, modes and dtypes
+    only, so a selection that names none of those leaves it out (an empty result is the caller's to report:
+    see `describe_ops`). Unknown names raise ValueError.
     """
     _check_names("op", ops, [*OPS, *END_TO_END])
-    _check_names("shape", shapes, [*LAYERS, *(spec.shape for spec in END_TO_END.values())])
+    _check_names("shape", shapes, [*LAYERS, TINY, *(s for spec in END_TO_END.values() for s in spec.shapes)])
     _check_names("mode", modes, MODES)
     _check_names("dtype", dtypes, DTYPES)
     cases = []
@@ -480,20 +547,25 @@ def select_cases(
         if ops is not None and spec.name not in ops:
             continue
         for layer in spec.layers:
-            if shapes is not None and layer not in shapes:
+            if (shapes is not None and layer not in shapes) or (
+                shapes is None and headline and layer not in HEADLINE_LAYERS
+            ):
                 continue
-            for mode in spec.quick_modes if modes is None else [m for m in MODES if m in modes]:
+            own_modes = HEADLINE_MODES if headline else spec.quick_modes
+            for mode in own_modes if modes is None else [m for m in MODES if m in modes]:
                 cases.extend(Case(spec.name, layer, mode, dtype) for dtype in dtypes)
     for spec in END_TO_END.values():
-        if (
-            (ops is None and spec.opt_in)
-            or (ops is not None and spec.name not in ops)
-            or (shapes is not None and spec.shape not in shapes)
-            or (modes is not None and spec.mode not in modes)
-        ):
+        if (ops is None and spec.opt_in) or (ops is not None and spec.name not in ops):
             continue
+        own_shapes = spec.headline_shapes or spec.shapes if headline else spec.shapes
         cases.extend(
-            Case(spec.name, spec.shape, spec.mode, dtype) for dtype in dtypes if dtype in spec.dtypes
+            Case(spec.name, shape, mode, dtype)
+            for shape in spec.shapes
+            if (shape in shapes if shapes is not None else shape in own_shapes)
+            for mode in spec.modes
+            if modes is None or mode in modes
+            for dtype in dtypes
+            if dtype in spec.dtypes
         )
     return cases
 
@@ -505,7 +577,8 @@ def describe_ops(ops: Sequence[str] | None = None) -> str:
         if name in END_TO_END:
             spec = END_TO_END[name]
             described.append(
-                f"{name} at shape {spec.shape}, mode {spec.mode}, {'/'.join(spec.dtypes)} only "
+                f"{name} at shape {'/'.join(spec.shapes)}, mode {'/'.join(spec.modes)}, "
+                f"{'/'.join(spec.dtypes)} only "
                 f"({spec.dtype_reason})"
             )
         elif name in OPS:
@@ -767,14 +840,14 @@ class EndToEndSpec:
     """An end-to-end case: its one shape and mode, the dtypes it runs in, and who it is measured against."""
 
     name: str
-    shape: str
-    mode: str
+    shapes: tuple[str, ...]
+    modes: tuple[str, ...]
     dtypes: tuple[str, ...]
     dtype_reason: str
     external_providers: tuple[str, ...]
     requires: tuple[str, ...]
-    # (batch, image_size, quick, device, seed) -> workload
-    build: Callable[[int, int, bool, torch.device, int], EndToEndWorkload]
+    # (batch, image_size, quick, device, seed, shape, mode) -> workload
+    build: Callable[[int, int, bool, torch.device, int, str, str], EndToEndWorkload]
     bars: tuple[SpeedupBar, ...] = ()
     memory_bar_bytes: int | None = None
     memory_bars: tuple[MemoryBar, ...] = ()
@@ -785,6 +858,8 @@ class EndToEndSpec:
     single_backend: bool = False
     # Left out of a selection that names no ops (a run takes minutes): `--ops <name>` runs it.
     opt_in: bool = False
+    # The shapes the default (headline) run keeps when none is named; empty: all of them.
+    headline_shapes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -1037,7 +1112,7 @@ class _ZFNetTraining:
 
 
 def _zfnet_train_workload(
-    batch: int, image_size: int, quick: bool, device: torch.device, seed: int
+    batch: int, image_size: int, quick: bool, device: torch.device, seed: int, shape: str, mode: str
 ) -> EndToEndWorkload:
     training = _ZFNetTraining(batch, image_size, device, seed)
     names = training.names
@@ -1251,7 +1326,7 @@ def _captum_projections(
 
 
 def _deconvnet_workload(
-    batch: int, image_size: int, quick: bool, device: torch.device, seed: int
+    batch: int, image_size: int, quick: bool, device: torch.device, seed: int, shape: str, mode: str
 ) -> EndToEndWorkload:
     """The issue's workload; `batch` does not apply (9 images, the paper's top 9; 2 with `quick`)."""
     import torchvision
@@ -1312,19 +1387,135 @@ def _deconvnet_workload(
     )
 
 
-def _mining_workload(batch: int, image_size: int, quick: bool, device: torch.device, seed: int):
+# Patched torchvision models ----------------------------------------------------------------------------
+# (torchvision builder, image side, batch as a multiple of --batch): the issue's models at 224x224, batch 32,
+# and ResNet18 at CIFAR's 32x32, batch 64 (many small layers: where a fixed per-call cost would show).
+PATCHED_MODELS: dict[str, tuple[str, int, int]] = {
+    "AlexNet.224": ("alexnet", 224, 1),
+    "VGG11.224": ("vgg11", 224, 1),
+    "ResNet18.224": ("resnet18", 224, 1),
+    "ResNet18.32": ("resnet18", 32, 2),
+}
+QUICK_PATCHED_SIDE = 64  # --quick: the 224 models at 64x64 (AlexNet's and VGG's classifiers pool adaptively)
+PATCHED_TOLERANCE = 1e-4
+
+
+class _PatchedModel:
+    """A torchvision model with random weights, its batch, and what each provider's call starts from."""
+
+    def __init__(self, shape: str, batch: int, quick: bool, device: torch.device, seed: int, mode: str):
+        import torchvision
+
+        builder, side, batch_factor = PATCHED_MODELS[shape]
+        side = min(side, QUICK_PATCHED_SIDE) if quick else side
+        classes = 10 if side < 64 else 1000
+        with torch.random.fork_rng(devices=[]):  # torchvision's init draws from the global RNG
+            torch.manual_seed(seed)
+            self.template = getattr(torchvision.models, builder)(weights=None, num_classes=classes).to(device)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        self.images = torch.randn((batch * batch_factor, 3, side, side), device=device, generator=generator)
+        self.labels = torch.randint(0, classes, (batch * batch_factor,), device=device, generator=generator)
+        self.training = mode == "full"
+        self.initial = copy.deepcopy(self.template.state_dict())
+
+    def ours(self) -> ProviderCall:
+        return self.call(zfkernels.patch(copy.deepcopy(self.template)))
+
+    def stock(self) -> ProviderCall:
+        return self.call(copy.deepcopy(self.template))
+
+    def call(self, model: nn.Module) -> ProviderCall:
+        """Inference (eval, no_grad: the logits) or one SGD training step (train mode: loss, gradients,
+        parameter updates); `setup` restores weights, batch-norm statistics and momentum, reseeds dropout."""
+        model.train(self.training)
+        images, labels, initial = self.images, self.labels, self.initial
+        parameters = dict(model.named_parameters())
+        optimizer = torch.optim.SGD(
+            list(parameters.values()), lr=TRAIN_LEARNING_RATE, momentum=TRAIN_MOMENTUM
+        )
+        momentum = {name: torch.zeros_like(p) for name, p in parameters.items()}
+        for name, p in parameters.items():
+            optimizer.state[p]["momentum_buffer"] = momentum[name]
+
+        def setup() -> None:
+            with torch.no_grad():
+                model.load_state_dict(initial)
+                for buffer in momentum.values():
+                    buffer.zero_()
+            torch.manual_seed(DROPOUT_SEED)  # same dropout masks for every provider
+
+        def infer() -> Tensor:
+            with torch.no_grad():
+                return model(images)
+
+        def step() -> Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        def comparable(result: object) -> tuple[Tensor, ...]:
+            if not self.training:
+                return (result,)
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters.values()]
+            updates = [p.detach() - initial[name] for name, p in parameters.items()]
+            return (result, *grads, *updates)
+
+        return ProviderCall(step if self.training else infer, comparable, setup)
+
+
+def _patched_models_workload(
+    batch: int, image_size: int, quick: bool, device: torch.device, seed: int, shape: str, mode: str
+) -> EndToEndWorkload:
+    patched = _PatchedModel(shape, batch, quick, device, seed, mode)
+    names = [name for name, _ in patched.template.named_parameters()]
+    outputs = (
+        ["logits"]
+        if mode == "forward"
+        else ["loss", *(f"grad {n}" for n in names), *(f"update {n}" for n in names)]
+    )
+    what = (
+        "inference (eval, no_grad)"
+        if mode == "forward"
+        else (
+            f"one SGD training step (train mode, cross-entropy, lr {TRAIN_LEARNING_RATE:g}, "
+            f"momentum {TRAIN_MOMENTUM:g})"
+        )
+    )
+    return EndToEndWorkload(
+        ours=patched.ours,
+        external={"eager": patched.stock},
+        output_names=outputs,
+        tolerance=PATCHED_TOLERANCE,
+        shapes={"images": list(patched.images.shape)},
+        note=(
+            f"torchvision {PATCHED_MODELS[shape][0]} with random weights, {what}: zfkernels.patch(model) "
+            "under each backend against the unpatched model (eager). Untimed before each call: weights, "
+            "batch-norm statistics and momentum restored, dropout reseeded"
+        ),
+    )
+
+
+def _mining_workload(
+    batch: int, image_size: int, quick: bool, device: torch.device, seed: int, shape: str, mode: str
+):
     from .analysis import mining_workload  # analysis.py builds on this module's classes
 
     return mining_workload(batch, image_size, quick, device, seed)
 
 
-def _projection_workload(batch: int, image_size: int, quick: bool, device: torch.device, seed: int):
+def _projection_workload(
+    batch: int, image_size: int, quick: bool, device: torch.device, seed: int, shape: str, mode: str
+):
     from .analysis import projection_workload
 
     return projection_workload(batch, image_size, quick, device, seed)
 
 
-def _mining_memory_workload(batch: int, image_size: int, quick: bool, device: torch.device, seed: int):
+def _mining_memory_workload(
+    batch: int, image_size: int, quick: bool, device: torch.device, seed: int, shape: str, mode: str
+):
     from .analysis import mining_memory_workload
 
     return mining_memory_workload(batch, image_size, quick, device, seed)
@@ -1335,8 +1526,8 @@ END_TO_END: dict[str, EndToEndSpec] = {
     for spec in (
         EndToEndSpec(
             "zfnet_train",
-            shape="ZFNet",
-            mode="full",
+            shapes=("ZFNet",),
+            modes=("full",),
             dtypes=("fp32",),
             dtype_reason="the paper trains in fp32; under bf16 autocast torch.compile's gradients differ "
             "from eager's by a quarter of their scale (inductor keeps fused intermediates in fp32), so a "
@@ -1347,8 +1538,8 @@ END_TO_END: dict[str, EndToEndSpec] = {
         ),
         EndToEndSpec(
             "deconvnet",
-            shape="AlexNet.conv5",
-            mode="forward",
+            shapes=("AlexNet.conv5",),
+            modes=("forward",),
             dtypes=("fp32",),
             dtype_reason="the issue's workload is fp32 on the CPU",
             external_providers=("eager", "compile", "captum"),
@@ -1358,9 +1549,21 @@ END_TO_END: dict[str, EndToEndSpec] = {
             memory_bar_bytes=3 * 10**9,
         ),
         EndToEndSpec(
+            "patched_models",
+            shapes=tuple(PATCHED_MODELS),
+            modes=("forward", "full"),
+            dtypes=("fp32",),
+            dtype_reason="the models train in fp32",
+            external_providers=("eager",),
+            requires=("torchvision",),
+            build=_patched_models_workload,
+            bars=(SpeedupBar("eager", 1.0),),
+            headline_shapes=("ResNet18.32",),
+        ),
+        EndToEndSpec(
             "mining",
-            shape="AlexNet.2048",
-            mode="forward",
+            shapes=("AlexNet.2048",),
+            modes=("forward",),
             dtypes=("fp32",),
             dtype_reason="the issue's workload is fp32 on the CPU",
             external_providers=("forward",),
@@ -1372,8 +1575,8 @@ END_TO_END: dict[str, EndToEndSpec] = {
         ),
         EndToEndSpec(
             "projection",
-            shape="AlexNet.2048",
-            mode="forward",
+            shapes=("AlexNet.2048",),
+            modes=("forward",),
             dtypes=("fp32",),
             dtype_reason="the issue's workload is fp32 on the CPU",
             external_providers=("forward", "captum"),
@@ -1384,8 +1587,8 @@ END_TO_END: dict[str, EndToEndSpec] = {
         ),
         EndToEndSpec(
             "mining_memory",
-            shape="AlexNet.8192",
-            mode="forward",
+            shapes=("AlexNet.8192",),
+            modes=("forward",),
             dtypes=("fp32",),
             dtype_reason="the issue's workload is fp32 on the CPU",
             external_providers=("eighth",),

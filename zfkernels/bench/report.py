@@ -18,10 +18,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cases import END_TO_END, EXTERNAL_PROVIDERS, QUICK_DECONVNET_FILTERS, QUICK_DECONVNET_IMAGES
+from .cases import (
+    DEFAULT_IMAGE_SIZE,
+    END_TO_END,
+    EXTERNAL_PROVIDERS,
+    OP_TARGETS,
+    QUICK_DECONVNET_FILTERS,
+    QUICK_DECONVNET_IMAGES,
+    TARGET_BATCH,
+    Case,
+)
 from .runner import ERROR, FAILED, OK, BenchRun, Cell, CopyBandwidth, Machine, Settings
 
 JSON_NAME, MARKDOWN_NAME, CHART_NAME = "results.json", "report.md", "speedups.png"
+# One colour per provider in every chart of every run (matplotlib's default cycle, fixed to a name).
+PROVIDER_COLOURS = {
+    "compile": "C0",
+    "cpu": "C1",
+    "reference": "C2",
+    "triton": "C3",
+    "cuda": "C4",
+    "captum": "C5",
+    "forward": "C7",
+    "eighth": "C8",
+}
 SCHEMA_VERSION = 1
 
 
@@ -115,6 +135,12 @@ def format_header(run: BenchRun) -> str:
 
 
 def quick_note(settings: Settings) -> str:
+    if settings.profile == "headline":
+        return (
+            "the headline run: ops at L1, L5 and tiny, forward and backward; end-to-end cases reduced "
+            f"(deconvnet {QUICK_DECONVNET_IMAGES} images x {QUICK_DECONVNET_FILTERS} filters, the patched "
+            "ResNet18 at 32x32): their targets are set for the full workloads (zfkernels bench --full)"
+        )
     return (
         f"--quick: reduced workloads (batch {settings.batch}; deconvnet {QUICK_DECONVNET_IMAGES} images x "
         f"{QUICK_DECONVNET_FILTERS} filters): not comparable with a full run, and the end-to-end targets "
@@ -122,10 +148,17 @@ def quick_note(settings: Settings) -> str:
     )
 
 
+def _verdict(met: bool, judged: bool) -> str:
+    return ("met" if met else "NOT met") if judged else "not judged: reduced workload"
+
+
 def target_lines(run: BenchRun) -> list[str]:
-    """For each end-to-end case with targets: the fastest backend's speedup over each named provider and its
-    peak memory, against the targets (measured, never asserted)."""
-    lines = []
+    """Every README target the run measured, against its figure (measured, never asserted): the op targets
+    (`OP_TARGETS`, one line each, over the cells it covers) and, per end-to-end case with targets, the
+    fastest backend's speedup over each named provider and its peak memory. Targets are set for the full
+    workloads: on reduced ones (--quick, the default run's end-to-end cases) figures are shown, not judged."""
+    lines = op_target_lines(run)
+    judged = not run.settings.quick
     for key, cells in _rows(run).items():
         spec = END_TO_END.get(key[0])
         if spec is None or not (spec.bars or spec.memory_bar_bytes or spec.memory_bars):
@@ -144,7 +177,7 @@ def target_lines(run: BenchRun) -> list[str]:
                 continue
             scale = other.time_scale
             ratio = other.timing.median_ms * scale / best.timing.median_ms
-            met = "met" if ratio >= bar.times else "NOT met"
+            met = _verdict(ratio >= bar.times, judged)
             scaled = f" (its time x {scale:.3g}: it ran a sample)" if scale != 1 else ""
             if bar.times < 1:  # a floor: the target is a cost ceiling
                 results.append(
@@ -162,20 +195,70 @@ def target_lines(run: BenchRun) -> list[str]:
                 results.append(f"peak memory vs {bar.provider}: {why} (target <= {bar.times:.2f}x)")
                 continue
             ratio = best.peak_memory_bytes / max(other.peak_memory_bytes, 1)
-            met = "met" if ratio <= bar.times else "NOT met"
+            met = _verdict(ratio <= bar.times, judged)
             results.append(
                 f"at a peak memory of {_mb(best.peak_memory_bytes)} MB, {ratio:.3f}x {bar.provider}'s "
                 f"{_mb(other.peak_memory_bytes)} MB (target <= {bar.times:.2f}x: {met})"
             )
         if spec.memory_bar_bytes is not None and best.peak_memory_bytes is not None:
-            met = "met" if best.peak_memory_bytes < spec.memory_bar_bytes else "NOT met"
+            met = _verdict(best.peak_memory_bytes < spec.memory_bar_bytes, judged)
             results.append(
                 f"peak memory {best.peak_memory_bytes / 1e9:.2f} GB "
                 f"(target < {spec.memory_bar_bytes / 1e9:g} GB: {met})"
             )
-        quick = " [quick workload]" if run.settings.quick else ""
+        quick = "" if judged else " [quick workload]"
         lines.append(f"{'/'.join(key)}{quick}: {best.provider} is " + "; ".join(results))
     return lines
+
+
+def _ratio_text(name: str, ratio: float | None) -> str:
+    return f"{name}: not measured" if ratio is None else f"{name} {ratio:.2f}x"
+
+
+def _share_text(name: str, share: float | None) -> str:
+    return f"{name}: not measured" if share is None else f"{name} {100 * share:.0f}% of the copy"
+
+
+def op_target_lines(run: BenchRun) -> list[str]:
+    """One line per op target with cells in the run: how many meet it, and the figure of each that does not
+    (all figures when it covers one cell). Judged only at the batch the targets are set for."""
+    judged = run.settings.batch == TARGET_BATCH and run.settings.image_size == DEFAULT_IMAGE_SIZE
+    rows = _rows(run)
+    lines = []
+    for target in OP_TARGETS:
+        figures: list[tuple[str, float | None]] = []
+        for key, cells in rows.items():
+            if key[0] in END_TO_END or not target.applies(Case(*key)):
+                continue
+            best = fastest_backend(cells)
+            if target.provider == "copy":
+                ratio = best.gbps / run.copy.preallocated_gbps if best and best.gbps else None
+            else:
+                other = cells.get(target.provider)
+                timed = best is not None and other is not None and other.timing is not None
+                ratio = other.timing.median_ms / best.timing.median_ms if timed else None
+            figures.append(("/".join(key), ratio))
+        if not figures:
+            continue
+        text = _share_text if target.provider == "copy" else _ratio_text
+        if all(r is None for _, r in figures):
+            lines.append(f"{target.what}: not measured ({target.provider} not timed in this run)")
+            continue
+        missed = [(n, r) for n, r in figures if r is None or r < target.times]
+        if not judged:
+            verdict = f"not judged (set for batch {TARGET_BATCH}): " + ", ".join(text(*f) for f in figures)
+        elif len(figures) == 1:
+            verdict = f"{text(*figures[0])}: {'NOT met' if missed else 'met'}"
+        else:
+            verdict = f"{len(figures) - len(missed)} of {len(figures)} cells met" + (
+                "; below: " + ", ".join(text(*f) for f in missed) if missed else ""
+            )
+        lines.append(f"{target.what}: {verdict}")
+    return lines
+
+
+def _table_width(header: list[str], body: list[list[str]]) -> int:
+    return sum(max(len(r[i]) for r in [header, *body]) + 2 for i in range(len(header))) - 2
 
 
 def _load_text(machine: Machine) -> str:
@@ -187,9 +270,11 @@ def _load_text(machine: Machine) -> str:
     )
 
 
-def format_table(run: BenchRun) -> str:
+def format_table(run: BenchRun, width: int | None = None) -> str:
     """The compact terminal table: median ms and speedup over stock eager per provider, one row per case;
-    for memory-bound ops the fastest backend's GB/s and its share of the preallocated copy's bandwidth."""
+    for memory-bound ops the fastest backend's GB/s and its share of the preallocated copy's bandwidth.
+    Wider than `width` (a terminal's columns), it leaves out the peak memory, then the bandwidth, then the
+    other providers' times (their speedups stay), and says so; the markdown report has every column."""
     providers = provider_order(run)
     header = ["op", "shape", "mode", "dtype"]
     for provider in providers:
@@ -215,6 +300,13 @@ def format_table(run: BenchRun) -> str:
             else f"{_mb(eager.peak_memory_bytes)}/{_mb(best.peak_memory_bytes)}"
         )
         body.append(row)
+    dropped = []
+    for names in (["peak MB eager/best"], ["GB/s", "%copy"], [f"{p} ms" for p in providers if p != "eager"]):
+        if width is None or _table_width(header, body) <= width:
+            break
+        keep = [i for i, name in enumerate(header) if name not in names]
+        dropped += [name for name in names if name in header]
+        header, body = [header[i] for i in keep], [[row[i] for i in keep] for row in body]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = [
         "  ".join(
@@ -224,6 +316,8 @@ def format_table(run: BenchRun) -> str:
         for r in [header, *body]
     ]
     lines.insert(1, "-" * len(lines[0]))
+    if dropped:
+        lines.append(f"(left out to fit {width} columns: {', '.join(dropped)}; report.md has every column)")
     notes = [
         f"  {cell.provider} on {'/'.join(cell.case_key)}: {cell.status.upper()}: {cell.message}"
         for cell in run.cells
@@ -483,12 +577,13 @@ def write_chart(run: BenchRun, path: Path) -> str | None:
     widest = max(sum(key[0] == op for key in rows) for op in ops)
     figure, axes = plt.subplots(len(ops), 1, figsize=(max(7.0, 0.25 + 0.9 * widest), 3.0 * len(ops)),
                                 squeeze=False, layout="constrained")  # fmt: skip
-    colors = {provider: f"C{index}" for index, provider in enumerate(providers)}  # one per provider
+    spare = iter(f"C{i}" for i in range(10) if f"C{i}" not in PROVIDER_COLOURS.values())
+    colors = {p: PROVIDER_COLOURS.get(p) or next(spare, "black") for p in providers}  # the same every run
     for axis, op in zip(axes[:, 0], ops, strict=True):
         keys = [key for key in rows if key[0] == op]
         # A panel's own providers only (captum measures the deconvnet alone); same slots for all its cases.
         shown = [p for p in providers if any(p in rows[key] for key in keys)]
-        width = 0.8 / max(len(shown), 1)
+        width = min(0.8 / max(len(shown), 1), 0.25)  # a panel of one case keeps slim bars
         measured = []
         for index, provider in enumerate(shown):
             ratios = [speedup(rows[key], provider) or math.nan for key in keys]

@@ -145,6 +145,8 @@ class Settings:
     copy_processes: int = 2  # fresh processes that measure the CPU copy too (0: this process only)
     # Reduced end-to-end workloads (fewer images and filters for the deconvnet; the batch is `batch`).
     quick: bool = False
+    # Which run of `zfkernels bench`: "headline" (the default), "quick" or "full".
+    profile: str = "full"
 
 
 @dataclass
