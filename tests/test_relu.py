@@ -301,3 +301,23 @@ def test_bad_inputs(backend):
         zk.relu_backward(x, x.to("meta"))
     with pytest.raises(ValueError, match="grad"):
         zk.relu_backward(x.to("meta"), x)
+
+
+def test_auto_runs_torchs_relu_where_it_is_the_same_op_and_faster():
+    """Under "auto" on the CPU a small contiguous call of the standard rule is torch.relu itself (the same
+    bits forward and backward, and a cheaper call); large tensors, other rules and named backends run ours."""
+    from zfkernels.memory import CACHED_OUTPUT_MIN_BYTES
+
+    small = torch.randn(2, 3, 8, 8, requires_grad=True)
+    assert zk.relu(small).grad_fn.name() == "ReluBackward0"
+    assert "zfkernels" in zk.relu(small, backward="guided").grad_fn.name()
+    large = torch.randn(CACHED_OUTPUT_MIN_BYTES // 4 + 1, requires_grad=True)
+    assert "zfkernels" in zk.relu(large).grad_fn.name()
+    assert (
+        "zfkernels" in zk.relu(small.detach().transpose(2, 3).requires_grad_()).grad_fn.name()
+    )  # not contiguous
+    with zk.use_backend("cpu"):
+        assert "zfkernels" in zk.relu(small).grad_fn.name()
+    x = small.detach().clone()
+    x.view(-1)[:3] = torch.tensor([float("nan"), -0.0, float("-inf")])
+    assert torch.equal(zk.relu(x).view(torch.int32), torch.relu(x).view(torch.int32))

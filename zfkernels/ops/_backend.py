@@ -231,7 +231,7 @@ def register_twin_autograd(namespace: str) -> None:
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def _dispatcher_needed(args: tuple) -> bool:
+def dispatcher_needed(args: tuple) -> bool:
     """Whether a call must go through the dispatcher: something besides eager autograd sees the op."""
     for a in args:
         if isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS:
@@ -253,14 +253,14 @@ def runs_directly(name: str, *tensors: torch.Tensor) -> bool:
     device = tensors[0].device
     if (device.type != "cpu" or _selected == "triton") and _runs_twin(device.type, name):
         return False
-    return not _dispatcher_needed(tensors)
+    return not dispatcher_needed(tensors)
 
 
 def _direct_caller(record: OpRecord, overload) -> Callable:
     body, mutated = record.body, record.mutated
 
     def call(*args):
-        if _dispatcher_needed(args):
+        if dispatcher_needed(args):
             return overload(*args)
         function = record.direct_function
         if function is not None and torch.is_grad_enabled() and torch._C._any_requires_grad(*args):

@@ -5,7 +5,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backend import define_op, has_tangent, implementation, op, register_autograd, runs_directly
+from .. import _extension
+from ..memory import CACHED_OUTPUT_MIN_BYTES
+from ._backend import (
+    define_op,
+    dispatcher_needed,
+    get_backend,
+    has_tangent,
+    implementation,
+    op,
+    register_autograd,
+    runs_directly,
+)
 from ._checks import check_same_device, check_tensor
 from .reference import RULES
 
@@ -99,6 +110,23 @@ class zfkernels_relu_(torch.autograd.Function):  # noqa: N801 (graphs read "zfke
         return _relu_backward(ctx, grad)
 
 
+def _stock_is_the_same_and_faster(input: Tensor) -> bool:
+    """Whether this call runs torch's own ReLU: the standard rule is torch.relu bit for bit, forward and
+    backward (threshold_backward), and below the CPU output cache's size (8 MiB, where our kernel saves the
+    page faults of a fresh output) torch's C++ call costs less than ours through Python: in a patched
+    ResNet18 at 32x32 that call overhead made a training step 0.96x the stock model's, 1.01-1.04x without.
+    Only where the cpu backend would run it (a backend named for a test or a bench runs itself), in plain
+    eager code (modes, compile and tracing see our op) and on contiguous tensors (ours returns those)."""
+    return (
+        input.device.type == "cpu"
+        and input.nbytes < CACHED_OUTPUT_MIN_BYTES
+        and get_backend() == "auto"
+        and _extension.cpu_module is not None
+        and input.is_contiguous()
+        and not dispatcher_needed((input,))
+    )
+
+
 def _rule_code(backward: str) -> int:
     if backward not in RULES:
         raise ValueError(f"backward must be one of {list(RULES)}, got {backward!r}")
@@ -113,6 +141,8 @@ def relu(input: Tensor, inplace: bool = False, *, backward: str = "standard") ->
     """
     check_tensor(input, "input", None)
     rule = _rule_code(backward)
+    if rule == 0 and _stock_is_the_same_and_faster(input):
+        return torch.relu_(input) if inplace else torch.relu(input)
     if not inplace:
         return op("relu", input.device)(input, rule)
     if (torch.is_grad_enabled() and input.requires_grad) or has_tangent(input):
