@@ -575,7 +575,12 @@ def test_op_targets_are_judged_at_their_batch_only():
     assert "... >= 5x torch.compile: not measured (compile not timed in this run)" in lines
     assert "... at >= 80% of the copy's bandwidth: pool/L1/forward/fp32 83% of the copy: met" in lines
     assert any(line.startswith("every memory-bound cell") and line.endswith("25.00x: met") for line in lines)
-    settings.batch = 8
+    tiny = [cell("eager", 0.01), cell("cpu", 0.03)]
+    for c in tiny:
+        c.shape = "tiny"
+    run.cells += tiny
+    settings.batch = 8  # tiny calls are batch 1 whatever the run's batch: still judged
+    assert op_target_lines(run)[-1].endswith("pool/tiny/forward/fp32 0.33x: met")
     assert op_target_lines(run)[0] == (
         "relu + pool with switches, L1 forward >= 10x eager: not judged (set for batch 32): "
         "pool/L1/forward/fp32 25.00x"

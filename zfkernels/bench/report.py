@@ -26,6 +26,7 @@ from .cases import (
     QUICK_DECONVNET_FILTERS,
     QUICK_DECONVNET_IMAGES,
     TARGET_BATCH,
+    TINY,
     Case,
 )
 from .runner import ERROR, FAILED, OK, BenchRun, Cell, CopyBandwidth, Machine, Settings
@@ -185,8 +186,9 @@ def target_lines(run: BenchRun) -> list[str]:
                     f"(target <= {1 / bar.times:.2f}x: {met})"
                 )
             else:
+                shown = f"{ratio:.2f}" if ratio < 2 else f"{ratio:.1f}"  # 0.996x must not read "1.0x"
                 results.append(
-                    f"{ratio:.1f}x faster than {bar.provider}{scaled} (target >= {bar.times:g}x: {met})"
+                    f"{shown}x faster than {bar.provider}{scaled} (target >= {bar.times:g}x: {met})"
                 )
         for bar in spec.memory_bars:
             other = cells.get(bar.provider)
@@ -245,7 +247,7 @@ def op_target_lines(run: BenchRun) -> list[str]:
             lines.append(f"{target.what}: not measured ({target.provider} not timed in this run)")
             continue
         missed = [(n, r) for n, r in figures if r is None or r < target.times]
-        if not judged:
+        if not judged and target.shapes != (TINY,):  # a tiny call is batch 1 whatever the run's batch
             verdict = f"not judged (set for batch {TARGET_BATCH}): " + ", ".join(text(*f) for f in figures)
         elif len(figures) == 1:
             verdict = f"{text(*figures[0])}: {'NOT met' if missed else 'met'}"
