@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import zfkernels
 import zfkernels.bench.cases as cases_module
+from zfkernels.bench import end_to_end
 from zfkernels.bench.cases import (
     END_TO_END,
     PATCHED_MODELS,
@@ -145,7 +146,7 @@ def test_every_deconvnet_provider_matches_the_reference(deconvnet_case, provider
 
 
 def test_the_dense_deconvnet_pads_its_last_chunk_and_still_matches(deconvnet_case, monkeypatch):
-    monkeypatch.setattr(cases_module, "DENSE_CHUNK", 5)  # 16 projections: chunks of 5, the last padded
+    monkeypatch.setattr(end_to_end, "DENSE_CHUNK", 5)  # 16 projections: chunks of 5, the last padded
     assert _verify(deconvnet_case, "eager") is None
 
 
@@ -190,7 +191,7 @@ def test_a_dense_deconvnet_that_overwrites_at_shared_argmaxes_fails(deconvnet_ca
                 signal = F.max_unpool2d(signal, indices, 3, 2, output_size=step.size)
         return signal
 
-    monkeypatch.setattr(cases_module, "_dense_chunk", overwriting_chunk)
+    monkeypatch.setattr(end_to_end, "_dense_chunk", overwriting_chunk)
     mismatch = _verify(deconvnet_case, "eager")
     assert mismatch is not None and mismatch.startswith("pixels: max |error|")
 
@@ -205,7 +206,7 @@ def test_the_zfnet_train_check_sees_a_missing_filter_renormalization(train_case,
 def test_the_zfnet_train_check_sees_other_dropout_masks(train_case, monkeypatch):
     """Our ops draw no random numbers, so one seed gives every provider the same dropout masks; with
     another seed the gradients differ, so the masks really were the same in the passing runs."""
-    monkeypatch.setattr(cases_module, "DROPOUT_SEED", cases_module.DROPOUT_SEED + 1)
+    monkeypatch.setattr(end_to_end, "DROPOUT_SEED", end_to_end.DROPOUT_SEED + 1)
     mismatch = _verify(train_case, "eager")
     assert mismatch is not None and mismatch.startswith("grad ")
     assert "over twice the reference's worst" in mismatch  # not rounding: far off float64 too
