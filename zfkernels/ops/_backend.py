@@ -250,10 +250,13 @@ def dispatcher_needed(args: tuple) -> bool:
 def runs_directly(name: str, *tensors: torch.Tensor) -> bool:
     """Whether op `name` on these tensors runs without the dispatcher: plain eager code, and a backend
     other than triton (which runs through its twin op)."""
-    device = tensors[0].device
-    if (device.type != "cpu" or _selected == "triton") and _runs_twin(device.type, name):
-        return False
-    return not dispatcher_needed(tensors)
+    return not _through_twin(tensors[0].device, name) and not dispatcher_needed(tensors)
+
+
+def _through_twin(device: torch.device, name: str) -> bool:
+    """Whether the triton backend runs op `name` on `device` (through its twin op; CPU tensors only when
+    triton is selected by name, so the common CPU call skips the lookup)."""
+    return (device.type != "cpu" or _selected == "triton") and _runs_twin(device.type, name)
 
 
 def _direct_caller(record: OpRecord, overload) -> Callable:
@@ -411,6 +414,6 @@ def _runs_twin(device_type: str, name: str) -> bool:
 def op(name: str, device: torch.device) -> Callable:
     """What a call of `name` on `device` goes through: zfkernels_triton::<name> when the triton backend runs
     it, else zfkernels::<name> (which picks its backend when it runs), directly in plain eager code."""
-    if (device.type != "cpu" or _selected == "triton") and _runs_twin(device.type, name):
-        return getattr(torch.ops.zfkernels_triton, name)  # (triton runs CPU tensors only when selected)
+    if _through_twin(device, name):
+        return getattr(torch.ops.zfkernels_triton, name)
     return OPS[name].call
